@@ -1,0 +1,281 @@
+"""Weight-sync protocol: learner rank 0 broadcasts the policy to every generator worker.
+
+The group lives outside the DeepSpeed world: rank 0 is learner rank 0 (it hosts the rendezvous
+store), ranks 1..N are the generator workers. Backends share one small surface
+(:class:`WeightSyncGroup`): ``gloo`` over a private ``TCPStore`` on CPU, ``nccl`` through vLLM's
+``StatelessProcessGroup`` + ``PyNcclCommunicator`` on GPU (vLLM 0.32 API).
+
+One sync, both sides walking the same manifest (names, shapes, dtypes in a fixed order):
+
+    1. header broadcast  [version, n_buckets, manifest digest, total bytes]   (int64)
+    2. agreement         all-reduce(min) of "my manifest matches" flags -> both sides fail loudly
+    3. bucket k = 0..n-1 the bucket's tensors packed into one flat byte buffer, broadcast
+
+Buckets are planned greedily in manifest order up to ``bucket_bytes`` (a larger tensor gets a
+bucket of its own), so the sender can gather one bucket at a time (ZeRO-3) and never holds the
+whole model. Every collective has a deadline; a failure raises :class:`WeightSyncError` naming
+the phase, the bucket, the version and this rank, never hangs.
+"""
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+_ALIGN = 16  # byte alignment of each tensor in a bucket, so dtype views are always legal
+
+
+class WeightSyncError(RuntimeError):
+    """A weight-sync collective failed or timed out."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+def make_manifest(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> List[ParamSpec]:
+    return [ParamSpec(n, tuple(t.shape), str(t.dtype).replace("torch.", "")) for n, t in named_tensors]
+
+
+def manifest_digest(manifest: Sequence[ParamSpec]) -> int:
+    text = "|".join(f"{p.name}:{p.shape}:{p.dtype}" for p in manifest)
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:7], "little")  # fits int64
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def plan_buckets(manifest: Sequence[ParamSpec], bucket_bytes: int) -> List[List[ParamSpec]]:
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    buckets: List[List[ParamSpec]] = []
+    current: List[ParamSpec] = []
+    size = 0
+    for p in manifest:
+        need = _aligned(p.nbytes)
+        if current and size + need > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += need
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def bucket_nbytes(bucket: Sequence[ParamSpec]) -> int:
+    return sum(_aligned(p.nbytes) for p in bucket)
+
+
+def pack(tensors: Sequence[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
+    """Concatenate tensors' bytes (each start aligned) into one flat uint8 buffer."""
+    device = device or (tensors[0].device if tensors else torch.device("cpu"))
+    flat = torch.empty(sum(_aligned(t.numel() * t.element_size()) for t in tensors), dtype=torch.uint8, device=device)
+    off = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        flat[off:off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        off += _aligned(n)
+    return flat
+
+
+def unpack(flat: torch.Tensor, bucket: Sequence[ParamSpec]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Views of ``flat`` as the bucket's tensors (no copy)."""
+    off = 0
+    for p in bucket:
+        yield p.name, flat[off:off + p.nbytes].view(p.torch_dtype).view(p.shape)
+        off += _aligned(p.nbytes)
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def local_ip() -> str:
+    """This node's address as Ray sees it (loopback when Ray is not running)."""
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:
+        pass
+    return "127.0.0.1"
+
+
+class WeightSyncGroup:
+    """A broadcast group of ``world_size`` processes; rank 0 hosts the store at ``host:port``."""
+
+    def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int,
+                 timeout_s: float = 120.0, device: Optional[torch.device] = None):
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
+        self.backend, self.rank, self.world_size, self.timeout_s = backend, rank, world_size, timeout_s
+        self.peer = f"rank {rank}/{world_size} at {host}:{port}"
+        try:
+            if backend == "gloo":
+                self.device = torch.device("cpu")
+                store = torch.distributed.TCPStore(host, port, world_size, is_master=(rank == 0),
+                                                   timeout=timedelta(seconds=timeout_s))
+                self._pg = torch.distributed.ProcessGroupGloo(store, rank, world_size,
+                                                              timedelta(seconds=timeout_s))
+            else:
+                from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+                from vllm.distributed.utils import StatelessProcessGroup
+
+                self.device = device or torch.device("cuda", torch.cuda.current_device())
+                self._spg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
+                                                         store_timeout=int(timeout_s))
+                self._comm = PyNcclCommunicator(self._spg, device=self.device)
+        except Exception as e:
+            raise WeightSyncError(f"weight sync: joining the group failed on {self.peer}: {e}") from e
+
+    def _wait(self, what: str, work=None) -> None:
+        if self.backend == "gloo":
+            if not work.wait(timedelta(seconds=self.timeout_s)):
+                raise TimeoutError(f"{what} timed out after {self.timeout_s}s")
+            return
+        event = torch.cuda.Event()
+        event.record()
+        deadline = time.monotonic() + self.timeout_s
+        while not event.query():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} timed out after {self.timeout_s}s")
+            time.sleep(0.0005)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, what: str = "broadcast") -> None:
+        if self.backend == "gloo":
+            opts = torch.distributed.BroadcastOptions()
+            opts.rootRank, opts.rootTensor = src, 0
+            self._wait(what, self._pg.broadcast([tensor], opts))
+        else:
+            self._comm.broadcast(tensor, src=src)
+            self._wait(what)
+
+    def all_reduce_min(self, tensor: torch.Tensor, what: str = "all_reduce") -> None:
+        if self.backend == "gloo":
+            opts = torch.distributed.AllreduceOptions()
+            opts.reduceOp = torch.distributed.ReduceOp.MIN
+            self._wait(what, self._pg.allreduce([tensor], opts))
+        else:
+            # PyNccl's all_reduce writes to an out tensor; passing the input as out keeps it in place.
+            self._comm.all_reduce(tensor, out_tensor=tensor, op=torch.distributed.ReduceOp.MIN)
+            self._wait(what)
+
+    def close(self) -> None:
+        for attr in ("_comm", "_spg", "_pg"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+
+def _guard(group: WeightSyncGroup, phase: str, version: int, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except WeightSyncError:
+        raise
+    except Exception as e:
+        raise WeightSyncError(f"weight sync {phase} of version {version} failed on {group.peer}: {e}") from e
+
+
+def _agree(group: WeightSyncGroup, ok: bool, version: int) -> None:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=group.device)
+    _guard(group, "manifest agreement", version, lambda: group.all_reduce_min(flag, "manifest agreement"))
+    if int(flag.item()) != 1:
+        raise WeightSyncError(f"weight sync of version {version}: manifests differ between sender and "
+                              f"receivers (seen on {group.peer}); both sides must walk the same names, "
+                              "shapes and dtypes")
+
+
+class SyncSender:
+    """Sender side (rank 0). Call ``begin(version)``, ``send_bucket`` once per planned bucket in
+    order, then ``end()``. The caller supplies each bucket's tensors, so it can gather lazily."""
+
+    def __init__(self, group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int):
+        if group.rank != 0:
+            raise ValueError("SyncSender runs on rank 0 of the weight-sync group")
+        self.group, self.manifest = group, list(manifest)
+        self.buckets = plan_buckets(self.manifest, bucket_bytes)
+        self.digest = manifest_digest(self.manifest)
+        self.version, self._next, self.bytes_sent, self._t0 = -1, 0, 0, 0.0
+
+    def begin(self, version: int) -> None:
+        self.version, self._next, self.bytes_sent, self._t0 = version, 0, 0, time.perf_counter()
+        total = sum(bucket_nbytes(b) for b in self.buckets)
+        header = torch.tensor([version, len(self.buckets), self.digest, total], dtype=torch.int64,
+                              device=self.group.device)
+        _guard(self.group, "header", version, lambda: self.group.broadcast(header, 0, "header"))
+        _agree(self.group, True, version)
+
+    def send_bucket(self, tensors: Sequence[torch.Tensor]) -> None:
+        k = self._next
+        bucket = self.buckets[k]
+        if len(tensors) != len(bucket) or any(tuple(t.shape) != p.shape for t, p in zip(tensors, bucket)):
+            raise WeightSyncError(f"weight sync: bucket {k} tensors do not match the manifest "
+                                  f"({[p.name for p in bucket][:3]}...)")
+        flat = pack([t.to(self.group.device) for t in tensors], self.group.device)
+        _guard(self.group, f"bucket {k}/{len(self.buckets)}", self.version,
+               lambda: self.group.broadcast(flat, 0, f"bucket {k}"))
+        self.bytes_sent += flat.numel()
+        self._next += 1
+
+    def end(self) -> Dict[str, float]:
+        if self._next != len(self.buckets):
+            raise WeightSyncError(f"weight sync of version {self.version}: sent {self._next} of "
+                                  f"{len(self.buckets)} buckets")
+        seconds = time.perf_counter() - self._t0
+        return {"sync/bytes": float(self.bytes_sent), "sync/seconds": seconds,
+                "sync/buckets": float(len(self.buckets))}
+
+
+def send_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], tensors: Dict[str, torch.Tensor],
+                 bucket_bytes: int, version: int) -> Dict[str, float]:
+    """One-shot sender for a process that holds every tensor (no ZeRO-3 gathering needed)."""
+    sender = SyncSender(group, manifest, bucket_bytes)
+    sender.begin(version)
+    for bucket in sender.buckets:
+        sender.send_bucket([tensors[p.name] for p in bucket])
+    return sender.end()
+
+
+def receive_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec],
+                    bucket_bytes: int) -> Tuple[int, Iterator[Tuple[str, torch.Tensor]]]:
+    """Receiver side: read the header now, then yield ``(name, tensor)`` bucket by bucket.
+
+    Each bucket gets a fresh buffer and the yielded tensors are views into it, so a consumer may
+    keep them. The iterator must be drained: the sender blocks until every bucket is received.
+    """
+    manifest = list(manifest)
+    buckets = plan_buckets(manifest, bucket_bytes)
+    header = torch.zeros(4, dtype=torch.int64, device=group.device)
+    _guard(group, "header", -1, lambda: group.broadcast(header, 0, "header"))
+    version, n_buckets, digest, _ = (int(x) for x in header.tolist())
+    _agree(group, n_buckets == len(buckets) and digest == manifest_digest(manifest), version)
+
+    def _iter() -> Iterator[Tuple[str, torch.Tensor]]:
+        for k, bucket in enumerate(buckets):
+            flat = torch.empty(bucket_nbytes(bucket), dtype=torch.uint8, device=group.device)
+            _guard(group, f"bucket {k}/{n_buckets}", version, lambda: group.broadcast(flat, 0, f"bucket {k}"))
+            yield from unpack(flat, bucket)
+
+    return version, _iter()

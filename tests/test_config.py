@@ -1,0 +1,85 @@
+"""Hydra composition of every preset, and one clear line for each kind of bad value."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dispo_ray.config import ConfigError, compose
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("dispo", {"eps_low_pos": 0.2, "eps_high_pos": 10.0, "eps_low_neg": 1.0, "eps_high_neg": 100.0}),
+    ("cispo", {"clip_low": 1.0, "clip_high": 5.0}),
+    ("dapo", {"clip_low": 0.2, "clip_high": 0.28, "loss_agg_mode": "token-mean"}),
+    ("grpo", {"clip_low": 0.2, "clip_high": 0.2, "loss_agg_mode": "seq-mean-token-mean",
+              "dynamic_sampling": False}),
+])
+def test_every_algorithm_preset_composes(name, expect):
+    cfg = compose([f"algorithm={name}"])
+    assert cfg.algorithm.name == name
+    for k, v in expect.items():
+        assert getattr(cfg.algorithm, k) == v
+    assert cfg.generator.backend == "vllm" and cfg.learner.zero_stage in (1, 2, 3)
+
+
+def test_generator_preset_and_overrides():
+    cfg = compose(["generator=hf", "learner.zero_stage=3", "trainer.max_staleness=2",
+                   "algorithm.eps_high_neg=55"])
+    assert (cfg.generator.backend, cfg.learner.zero_stage, cfg.trainer.max_staleness) == ("hf", 3, 2)
+    assert cfg.algorithm.eps_high_neg == 55.0
+
+
+@pytest.mark.parametrize("override,key,fragment", [
+    ("algorithm.eps_low_pos=-0.5", "algorithm.eps_low_pos", "in [0, 1]"),
+    ("algorithm.eps_low_neg=1.5", "algorithm.eps_low_neg", "in [0, 1]"),
+    ("algorithm.eps_high_pos=-1", "algorithm.eps_high_pos", ">= 0"),
+    ("algorithm.name=ppo", "algorithm.name", "one of cispo, dapo, dispo, grpo"),
+    ("algorithm.loss_agg_mode=mean", "algorithm.loss_agg_mode", "token-mean"),
+    ("algorithm.eps_low_pos=abc", "algorithm.eps_low_pos", "could not be converted"),
+    ("+algorithm.eps_low=0.1", "algorithm.eps_low", "not in 'AlgorithmConfig'"),
+    ("generator.backend=sglang", "generator.backend", "one of vllm, hf"),
+    ("learner.zero_stage=4", "learner.zero_stage", "one of 0, 1, 2, 3"),
+    ("model.path=/nonexistent/model", "model.path", "existing HF model folder"),
+    ("data.train_files=[/nonexistent.parquet]", "data.train_files", "existing"),
+    ("reward.timeout_s=0", "reward.timeout_s", "> 0"),
+])
+def test_bad_values_name_key_and_allowed_range(override, key, fragment):
+    with pytest.raises(ConfigError) as e:
+        compose([override])
+    msg = str(e.value)
+    assert key in msg and fragment in msg and "\n" not in msg
+
+
+def test_batch_divisibility_is_checked():
+    with pytest.raises(ConfigError, match="trainer.prompts_per_step.*divisible by learner.num_actors"):
+        compose(["trainer.prompts_per_step=3", "algorithm.group_size=3", "learner.num_actors=2"])
+
+
+def _cli(*args, timeout=60):
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "dispo_ray.main", *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=timeout)
+    return p, time.monotonic() - t0
+
+
+def test_cli_bad_value_exits_fast_with_one_line(tmp_path):
+    p, seconds = _cli("algorithm.eps_low_pos=-0.5", f"trainer.run_dir={tmp_path}/r")
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "eps_low_pos" in lines[0] and "-0.5" in lines[0]
+    assert "Traceback" not in p.stderr + p.stdout
+    assert seconds < 30  # no Ray, no torch import before validation
+
+
+def test_cli_cfg_job_shows_clip_overrides():
+    p, _ = _cli("--cfg", "job", "algorithm=dispo", "algorithm.eps_low_pos=0.25", "algorithm.eps_high_pos=7",
+                "algorithm.eps_low_neg=0.9", "algorithm.eps_high_neg=55")
+    assert p.returncode == 0, p.stderr
+    for line in ("eps_low_pos: 0.25", "eps_high_pos: 7", "eps_low_neg: 0.9", "eps_high_neg: 55"):
+        assert line in p.stdout
