@@ -73,6 +73,7 @@ class TinyTaskConfig:
     num_val: int = MISSING
     max_digits: int = MISSING
     ops: List[str] = MISSING
+    seed: int = MISSING  # problem generation and the train/val split
 
 
 @dataclass
@@ -273,6 +274,7 @@ def validate(c: RootConfig) -> None:
     _check(1 <= tt.max_digits <= 6, "data.tiny_task.max_digits", tt.max_digits, "in [1, 6]")
     bad_ops = [o for o in tt.ops if o not in ("+", "-", "*")]
     _check(bool(tt.ops) and not bad_ops, "data.tiny_task.ops", tt.ops, "a non-empty list of '+', '-', '*'")
+    _check(tt.seed >= 0, "data.tiny_task.seed", tt.seed, ">= 0")
 
     g = c.generator
     _check(g.backend in GENERATOR_BACKENDS, "generator.backend", g.backend,
