@@ -1,0 +1,277 @@
+"""The verification sandbox: math-verify on untrusted text, in a child process that is killed at
+a hard wall-clock deadline.
+
+Why a persistent child: importing sympy/math-verify costs ~1 s, a verification ~2 ms, so one
+child per :class:`Sandbox` serves every job over a pipe and is only replaced after a timeout or a
+crash. A warm *spare* child is kept ready so that a bomb costs the deadline, not the deadline
+plus an interpreter start.
+
+Why ``subprocess`` + :class:`multiprocessing.connection.Connection` rather than
+``multiprocessing.Process(spawn)``: inside a Ray worker, ``spawn`` re-runs the worker's
+``__main__`` script in the child; a fresh ``python -m dispo_ray.sandbox`` has a clean, known
+start-up, its own session (so ``killpg`` reaches anything it started), a clean environment and
+a private scratch cwd.
+
+In the child: ``RLIMIT_AS`` (``memory_mb``), no core dumps, ``RLIMIT_FSIZE = 0``, the child dies
+with its parent (``PR_SET_PDEATHSIG``), and an audit hook refuses process creation, sockets,
+ctypes and file writes/removals. A soft ``setitimer`` at 80% of the deadline turns Python-level
+slowness into a ``timeout`` reply without losing the child; C-level bigint work cannot be
+interrupted by signals, which is what the parent's kill is for.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Dict, Optional, Tuple
+
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT_S = 120.0  # a child must be ready within this (2 busy shared cores: be generous)
+
+
+class SandboxError(RuntimeError):
+    """The sandbox child could not be started."""
+
+
+class _Child:
+    """One verifier process and its pipes."""
+
+    def __init__(self, memory_mb: int, soft_timeout_s: float):
+        self.workdir = tempfile.mkdtemp(prefix="dispo-verify-")
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "HOME")}
+        env.update(PYTHONPATH=_PKG_ROOT, PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0",
+                   OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dispo_ray.sandbox", str(int(memory_mb)), repr(soft_timeout_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            cwd=self.workdir, env=env, close_fds=True, start_new_session=True)
+        self.send = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
+        self.recv = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.ready = False
+        self.pid = self.proc.pid
+
+    def wait_ready(self, timeout_s: float) -> None:
+        if self.ready:
+            return
+        try:
+            if not self.recv.poll(timeout_s):
+                raise SandboxError(f"verifier child did not start within {timeout_s:.0f} s")
+            msg = self.recv.recv()
+        except (EOFError, OSError):
+            raise SandboxError(f"verifier child exited at start (code {self.proc.poll()})") from None
+        if msg != ("ready", self.pid):
+            raise SandboxError(f"verifier child sent {msg!r} instead of ready")
+        self.ready = True
+
+    def kill(self) -> int:
+        """Kill the child's whole session; return the number of files left in its scratch dir."""
+        try:
+            os.killpg(self.proc.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for c in (self.send, self.recv):
+            try:
+                c.close()
+            except OSError:
+                pass
+        stray = sum(len(files) for _, _, files in os.walk(self.workdir))
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return stray
+
+
+class Sandbox:
+    """Verifies (answer, ground truth) pairs in a persistent child with a hard deadline.
+
+    ``verify`` returns ``(reason, elapsed_s)`` with reason in ``ok | wrong | timeout | crashed``;
+    it never raises for bad input and never waits much past ``timeout_s``.
+    """
+
+    def __init__(self, timeout_s: float, memory_mb: int, spare: bool = True,
+                 soft_timeout: bool = True):
+        if timeout_s <= 0:
+            raise ValueError(f"sandbox timeout_s must be > 0, got {timeout_s}")
+        if memory_mb < 64:
+            raise ValueError(f"sandbox memory_mb must be >= 64, got {memory_mb}")
+        self.timeout_s = float(timeout_s)
+        self.memory_mb = int(memory_mb)
+        self.use_spare = spare
+        self.soft_timeout_s = 0.8 * self.timeout_s if soft_timeout else 0.0  # 0 = parent kill only
+        self._jid = 0
+        self._stats = {"verified": 0, "timeouts": 0, "crashes": 0, "replacements": 0,
+                       "stray_files": 0, "max_elapsed_s": 0.0}
+        self._child: Optional[_Child] = self._new_child()
+        self._child.wait_ready(START_TIMEOUT_S)
+        self._spare: Optional[_Child] = self._new_child() if spare else None
+
+    def _new_child(self) -> _Child:
+        return _Child(self.memory_mb, self.soft_timeout_s)
+
+    def _replace(self) -> None:
+        """Kill the current child and promote the spare (or start a fresh one)."""
+        if self._child is not None:
+            self._stats["stray_files"] += self._child.kill()
+        self._stats["replacements"] += 1
+        self._child, self._spare = self._spare, None
+        if self._child is None:
+            self._child = self._new_child()
+        if self.use_spare:
+            self._spare = self._new_child()
+
+    def verify(self, answer: str, ground_truth: str) -> Tuple[str, float]:
+        if self._child is None:
+            raise SandboxError("sandbox is closed")
+        t0 = time.monotonic()
+        try:
+            self._child.wait_ready(START_TIMEOUT_S)
+        except SandboxError:
+            self._replace()
+            self._child.wait_ready(START_TIMEOUT_S)
+        t0 = time.monotonic()  # the deadline covers the job, not a spare's start-up
+        self._jid += 1
+        reason = self._roundtrip(self._jid, answer, ground_truth, t0 + self.timeout_s)
+        elapsed = time.monotonic() - t0
+        self._stats["verified"] += 1
+        self._stats["max_elapsed_s"] = max(self._stats["max_elapsed_s"], elapsed)
+        if reason == "timeout":
+            self._stats["timeouts"] += 1
+        elif reason == "crashed":
+            self._stats["crashes"] += 1
+        return reason, elapsed
+
+    def _roundtrip(self, jid: int, answer: str, gt: str, deadline: float) -> str:
+        child = self._child
+        try:
+            child.send.send((jid, answer, gt))
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._replace()
+                    return "timeout"
+                if child.recv.poll(left):
+                    msg = child.recv.recv()
+                    if msg[0] == jid:
+                        if msg[1] == "crashed" or msg[2]:  # crashed / asked to be recycled
+                            self._replace()
+                        return msg[1]
+        except (EOFError, OSError, BrokenPipeError):  # the child died (segfault, OOM kill, ...)
+            self._replace()
+            return "crashed"
+
+    @property
+    def child_pid(self) -> Optional[int]:
+        return None if self._child is None else self._child.pid
+
+    @property
+    def child_workdir(self) -> Optional[str]:
+        return None if self._child is None else self._child.workdir
+
+    def stats(self) -> Dict[str, Any]:
+        out = dict(self._stats)
+        out["child_pid"] = self.child_pid
+        out["child_workdir"] = self.child_workdir
+        out["child_stray_files"] = (sum(len(f) for _, _, f in os.walk(self._child.workdir))
+                                    if self._child else 0)
+        return out
+
+    def close(self) -> None:
+        for c in (self._child, self._spare):
+            if c is not None:
+                self._stats["stray_files"] += c.kill()
+        self._child = self._spare = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------ the child side
+_BLOCKED_EVENTS = {
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
+    "os.killpg", "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link",
+    "os.chmod", "os.chown", "os.truncate", "os.utime", "os.startfile", "subprocess.Popen",
+    "pty.spawn", "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
+    "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "shutil.rmtree", "shutil.copyfile",
+    "shutil.move", "webbrowser.open", "urllib.Request", "http.client.connect",
+}
+
+
+def _audit(event: str, args: Tuple[Any, ...]) -> None:
+    if event in _BLOCKED_EVENTS:
+        raise PermissionError(f"sandbox: {event} is not allowed")
+    if event == "open" and len(args) >= 3:
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT
+                                                    | os.O_APPEND | os.O_TRUNC)):
+            raise PermissionError("sandbox: writing files is not allowed")
+
+
+class _SoftTimeout(BaseException):
+    """Raised by the child's interval timer; BaseException so that math-verify's and sympy's
+    ``except Exception`` do not swallow it."""
+
+
+def _child_main(memory_mb: int, soft_timeout_s: float) -> None:
+    import ctypes
+    import logging
+    import resource
+    import signal
+
+    recv = Connection(0, writable=False)
+    send = Connection(os.dup(1), readable=False)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # stray prints must not corrupt the framed pipe
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+    except Exception:
+        pass
+    from dispo_ray.scoring import verify_answer
+
+    verify_answer("\\frac{1}{2}", "0.5")  # warm: pull in every lazy import before locking down
+    logging.disable(logging.CRITICAL)
+    limit = memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    sys.addaudithook(_audit)
+
+    def on_alarm(signum, frame):
+        raise _SoftTimeout()
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    send.send(("ready", os.getpid()))
+    while True:
+        try:
+            jid, answer, gt = recv.recv()
+        except (EOFError, OSError):
+            return
+        recycle = False
+        try:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
+                reason = "ok" if verify_answer(answer, gt) else "wrong"
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _SoftTimeout:
+            reason = "timeout"
+        except MemoryError:
+            reason, recycle = "crashed", True
+        except BaseException:  # noqa: BLE001 - any failure of the verifier is a crash
+            reason = "crashed"
+        send.send((jid, reason, recycle))
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]), float(sys.argv[2]))
