@@ -1,0 +1,79 @@
+"""Where metrics go: ``metrics.jsonl`` (one object per step), TensorBoard event files beside it,
+W&B when ``trainer.wandb_project`` is set and wandb is installed, and a console progress bar."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Mapping, Optional
+
+CONSOLE_KEYS = (("reward", "rollout/reward"), ("acc", "rollout/accuracy"), ("eval", "eval/accuracy"),
+                ("ent", "actor/entropy"), ("tok/s", "perf/tokens_per_s"))
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN/inf
+    return v
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, total_steps: int, tensorboard: bool = True,
+                 wandb_project: Optional[str] = None, progress_bar: bool = True,
+                 config: Optional[Mapping] = None, start_step: int = 0):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+        self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+                self._wandb = wandb.init(project=wandb_project, config=dict(config or {}), dir=run_dir)
+            except ImportError:
+                print("warning: trainer.wandb_project is set but wandb is not installed; skipping W&B",
+                      file=sys.stderr)
+        self._bar = None
+        if progress_bar:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                             file=sys.stdout)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if self._tb is not None:
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(dict(record), step=step)
+        if self._bar is not None:
+            shown = {name: f"{metrics[k]:.3g}" for name, k in CONSOLE_KEYS
+                     if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._file.close()
+
+
+def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
