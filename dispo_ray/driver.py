@@ -1,7 +1,256 @@
-"""Placeholder until the driver lands: prints the validated config."""
+"""The training loop, as the data flow of DESIGN.md reads:
+
+    dataset -> generator pool (G samples/prompt, behaviour log-probs, version)
+            -> reward pool (reward, correct, reason)
+            -> group advantages, dynamic sampling, staleness admission     [RolloutProducer thread]
+            -> learner group: DISPO step(s) -> metrics                      [this thread]
+            -> weight broadcast learner rank 0 -> generators: version + 1
+            -> evaluation, logging, collapse guard, checkpoint
+
+With ``trainer.max_staleness = 0`` the producer waits for each new version (synchronous,
+on-policy). With ``k > 0`` it generates up to ``k`` batches ahead while the learner trains.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any, Dict, List, Optional
+
+from dispo_ray.advantages import assign_advantages
 from dispo_ray.config import RootConfig, to_dict
+from dispo_ray.rollout import collate
 
 
-def run(cfg: RootConfig) -> None:
-    import json
-    print(json.dumps(to_dict(cfg)["algorithm"], indent=1))
+def init_ray(cfg: RootConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k in (
+        "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "DS_BUILD_OPS", "VLLM_CPU_KVCACHE_SPACE",
+        "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.cluster.address:  # join a running cluster (ray job submit / KubeRay)
+        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 2, 8),
+                 include_dashboard=cfg.cluster.include_dashboard, runtime_env={"env_vars": env},
+                 log_to_driver=False)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rollout_metrics(batch: Any) -> Dict[str, float]:
+    from dispo_ray.text_metrics import repetition_rate
+
+    gen = batch.generated
+    n = max(len(gen), 1)
+    out = {
+        "rollout/reward": sum(s.reward for s in gen) / n,
+        "rollout/accuracy": sum(s.correct for s in gen) / n,
+        "rollout/response_length": sum(s.response_length for s in gen) / n,
+        "rollout/truncated_frac": sum(s.finish_reason == "length" for s in gen) / n,
+        "rollout/repetition": repetition_rate([s.response_token_ids for s in gen]),
+        "rollout/samples": float(len(gen)),
+        "rollout/train_samples": float(len(batch.samples)),
+    }
+    reasons: Dict[str, int] = {}
+    for s in gen:
+        reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    out.update({f"reward/reason_{k}": v / n for k, v in reasons.items() if k})
+    return {**out, **batch.counts, **batch.seconds}
+
+
+class Trainer:
+    """Owns the actors, the version counter and the run state; ``fit()`` is the loop."""
+
+    def __init__(self, cfg: RootConfig):
+        from actors.generator import GeneratorPool
+        from actors.learner_group import LearnerGroup
+        from actors.reward_pool import RewardPool
+        from dispo_ray.data import PromptDataset, data_files
+        from dispo_ray.staleness import StalenessGate
+        from dispo_ray.warmstart import warm_started_model_dir
+        from transformers import AutoTokenizer
+
+        self.cfg, tr = cfg, cfg.trainer
+        self.run_dir = os.path.abspath(tr.run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=1)
+        seed_everything(tr.seed)
+        self.model_dir = warm_started_model_dir(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        train_files, val_files = data_files(cfg)
+        self.train_set = PromptDataset.from_files(train_files, self.tokenizer, cfg.data, seed=tr.seed)
+        self.eval_sets = {"eval": PromptDataset.from_files(val_files, self.tokenizer, cfg.data, shuffle=False)}
+        for path in cfg.data.extra_eval_files:
+            name = "eval_" + os.path.splitext(os.path.basename(path))[0]
+            self.eval_sets[name] = PromptDataset.from_files([path], self.tokenizer, cfg.data, shuffle=False)
+        init_ray(cfg)
+        self.rewards = RewardPool(cfg.reward, max_new_tokens=cfg.generator.max_new_tokens)
+        self.generators = GeneratorPool(cfg, self.model_dir)
+        self.learners = LearnerGroup(cfg, self.model_dir)
+        self.generators.connect_weight_sync(self.learners)
+        self.step, self.version = 0, 0
+        self.gate = StalenessGate(tr.max_staleness, version=0)
+
+    # ------------------------------------------------------------------ pieces of one step
+    def sync_weights(self, version: int) -> float:
+        t0 = time.perf_counter()
+        self.generators.sync_from(self.learners, version)
+        self.version = version
+        self.gate.publish(version)
+        return time.perf_counter() - t0
+
+    def train_on(self, batch: Any) -> Dict[str, float]:
+        samples = batch.samples
+        metrics = self.gate.check_and_record(batch.step, [s.version for s in samples])
+        if not samples:
+            return {**metrics, "actor/skipped": 1.0}
+        a = self.cfg.algorithm
+        assign_advantages(samples, norm_by_std=a.norm_adv_by_std, eps=a.adv_eps)
+        tensors = collate(samples, pad_token_id=self.tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        metrics.update(self.learners.train_step(tensors))
+        metrics["timing/train"] = time.perf_counter() - t0
+        metrics["perf/train_tokens"] = float(tensors["attention_mask"].sum())
+        return metrics
+
+    def evaluate(self) -> Dict[str, float]:
+        from dispo_ray.evaluation import avg_and_pass_at_k
+
+        tr, out = self.cfg.trainer, {}
+        t0 = time.perf_counter()
+        greedy = tr.eval_greedy
+        sampling = {"temperature": 0.0 if greedy else self.cfg.generator.temperature,
+                    "top_p": 1.0 if greedy else self.cfg.generator.top_p,
+                    "max_new_tokens": self.cfg.generator.max_new_tokens, "stop": list(self.cfg.generator.stop),
+                    "seed": tr.seed + 7}
+        for name, ds in self.eval_sets.items():
+            prompts = list(ds)[:tr.eval_max_prompts]
+            samples = self.generators.generate(prompts, 1 if greedy else tr.eval_k, sampling)
+            self.rewards.score_samples(samples)
+            out.update(avg_and_pass_at_k(samples, prefix=name))
+        out["timing/eval"] = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def save(self, producer: Any) -> str:
+        from dispo_ray.run_state import checkpoint_dir, mark_latest, save_driver_state
+
+        path = checkpoint_dir(self.run_dir, self.step)
+        self.learners.save_checkpoint(os.path.join(path, "learner"))
+        save_driver_state(path, {"step": self.step, "version": self.version,
+                                 "cursor": producer.cursor_before(self.step),
+                                 "gate": self.gate.state_dict(), "guard": self.guard.state_dict()})
+        mark_latest(self.run_dir, self.step)
+        return path
+
+    def resume(self) -> bool:
+        from dispo_ray.run_state import latest_checkpoint, load_driver_state
+
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        self.learners.load_checkpoint(os.path.join(path, "learner"))
+        state = load_driver_state(path)
+        self.step, self.version = int(state["step"]), int(state["version"])
+        self.train_set.load_state_dict(state["cursor"])
+        self.gate.load_state_dict(state["gate"])
+        self.guard.load_state_dict(state["guard"])
+        # metrics.jsonl keeps the history up to the checkpoint; later lines belonged to the lost run
+        path_metrics = os.path.join(self.run_dir, "metrics.jsonl")
+        if os.path.exists(path_metrics):
+            with open(path_metrics) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] < self.step]
+            with open(path_metrics, "w") as f:
+                f.writelines(keep)
+        self.sync_weights(self.version)  # generators start from the checkpoint's weights
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Dict[str, Any]:
+        from dispo_ray.collapse_guard import CollapseGuard
+        from dispo_ray.metrics_log import MetricsLogger
+        from dispo_ray.rollout_producer import RolloutProducer
+
+        cfg, tr = self.cfg, self.cfg.trainer
+        self.guard = CollapseGuard(tr.collapse_guard)
+        resumed = tr.resume and self.resume()
+        log = MetricsLogger(self.run_dir, tr.total_steps, tr.tensorboard, tr.wandb_project, tr.progress_bar,
+                            config=to_dict(cfg), start_step=self.step)
+        if resumed:
+            log.message(f"resumed from step {self.step} (version {self.version})")
+        producer = RolloutProducer(cfg, self.train_set, self.generators, self.rewards, self.gate,
+                                   start_step=self.step, total_steps=tr.total_steps).start()
+        first_eval: Optional[float] = None
+        last_eval: Dict[str, float] = {}
+        stopped_by_guard = False
+        try:
+            if not resumed:
+                last_eval = self.evaluate()
+                first_eval = last_eval.get("eval/accuracy")
+                log.log(-1, last_eval, advance=False)  # step -1: before any update
+            while self.step < tr.total_steps:
+                t_step = time.perf_counter()
+                t_wait = time.perf_counter()
+                batch = producer.get(self.step)
+                metrics = {"timing/wait_rollout": time.perf_counter() - t_wait, **rollout_metrics(batch)}
+                metrics.update(self.train_on(batch))
+                metrics["timing/sync"] = self.sync_weights(self.step + 1)
+                self.step += 1
+                metrics["version"] = float(self.version)
+                if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.total_steps:
+                    last_eval = self.evaluate()
+                    metrics.update(last_eval)
+                metrics["timing/step"] = time.perf_counter() - t_step
+                metrics["perf/tokens_per_s"] = metrics.get("perf/train_tokens", 0.0) / metrics["timing/step"]
+                for signal in self.guard.update(self.step, metrics):
+                    log.message(f"WARNING collapse guard: '{signal}' held for {tr.collapse_guard.patience} "
+                                f"steps at step {self.step} (see trainer.collapse_guard)")
+                    stopped_by_guard = tr.collapse_guard.stop_on_trigger
+                metrics["collapse/events"] = float(len(self.guard.events))
+                log.log(self.step - 1, metrics)
+                if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.total_steps or stopped_by_guard:
+                    self.save(producer)
+                if stopped_by_guard:
+                    log.message(f"stopping at step {self.step}: collapse guard triggered (checkpoint saved)")
+                    break
+        finally:
+            producer.stop()
+            log.close()
+        summary = {"run_dir": self.run_dir, "steps": self.step, "version": self.version,
+                   "first_eval_accuracy": first_eval, "last_eval_accuracy": last_eval.get("eval/accuracy"),
+                   "collapse_events": self.guard.events, "stopped_by_collapse_guard": stopped_by_guard}
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+    def shutdown(self) -> None:
+        for part in ("generators", "learners", "rewards"):
+            obj = getattr(self, part, None)
+            if obj is not None and hasattr(obj, "shutdown"):
+                obj.shutdown()
+
+
+def run(cfg: RootConfig) -> Dict[str, Any]:
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.shutdown()
+    first, last = summary["first_eval_accuracy"], summary["last_eval_accuracy"]
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    print(f"\ndone: {summary['steps']} steps, eval accuracy {fmt(first)} -> {fmt(last)}, "
+          f"collapse events {len(summary['collapse_events'])}\nrun dir: {summary['run_dir']}")
+    return summary

@@ -43,7 +43,7 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                              file=sys.stdout)
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def log(self, step: int, metrics: Mapping[str, Any], advance: bool = True) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         for k, v in metrics.items():
@@ -52,7 +52,7 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(dict(record), step=step)
-        if self._bar is not None:
+        if self._bar is not None and advance:
             shown = {name: f"{metrics[k]:.3g}" for name, k in CONSOLE_KEYS
                      if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
             self._bar.set_postfix(shown, refresh=False)
