@@ -1,0 +1,346 @@
+"""One DeepSpeed data-parallel rank of the learner (:class:`LearnerWorker`, a Ray actor as
+:data:`LearnerActor`); :mod:`actors.learner_group` builds the world and splits batches.
+
+Loss scaling. The driver splits a rollout batch into ``mini_batches`` optimizer steps; each
+mini-batch is split over the W ranks and each rank's share into micro-batches. The registry loss
+is called with ``global_tokens`` / ``global_seqs`` = the counts of the WHOLE mini-batch, so
+``sum over ranks and micro-batches of loss_micro = L_full`` (the single-process full-batch loss).
+DeepSpeed averages gradients over the W ranks at the accumulation boundary; we call
+``engine.backward(W * loss_micro, scale_wrt_gas=False)`` (no division by the accumulation count,
+whose boundary we set by hand), so the reduced gradient is ``(1/W) * sum_r sum_k W * grad(loss_rk)
+= grad(L_full)`` exactly, whatever W and the micro-batch size.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+from datetime import timedelta
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from dispo_ray.logprobs import causal_token_logprobs
+from dispo_ray.losses import get_policy_loss, merge_raw_metrics
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
+
+
+class _PolicyLogProbs(torch.nn.Module):
+    """Wraps a transformers causal LM so the DeepSpeed engine's forward returns per-token
+    ``(log_probs, entropy)`` (chunked LM head, see :mod:`dispo_ray.logprobs`) instead of logits."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_size: int):
+        super().__init__()
+        self.lm, self.chunk_size = lm, chunk_size
+
+    def forward(self, input_ids, attention_mask, response_mask=None):
+        backbone = getattr(self.lm, self.lm.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return causal_token_logprobs(hidden, self.lm.get_output_embeddings(), input_ids,
+                                     self.chunk_size, mask=response_mask)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
+    """LR multiplier at optimizer step s: linear warm-up ``(s+1)/warmup`` for s < warmup, then 1
+    (constant) or ``0.5 * (1 + cos(pi * p))`` with p = (s - warmup) / (total - warmup) (cosine to 0)."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    return f
+
+
+def ds_config(cfg: Any, world_size: int, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The DeepSpeed config derived from ``cfg.learner`` / ``cfg.model`` (+ optional overrides)."""
+    l = cfg.learner
+    c: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": l.micro_batch_size,
+        "gradient_accumulation_steps": 1,  # the boundary is set by hand per mini-batch
+        "train_batch_size": l.micro_batch_size * world_size,
+        "gradient_clipping": l.grad_clip,
+        "zero_optimization": {"stage": l.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as client optimizer (no JIT build)
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    for k, v in (overrides or {}).items():
+        c[k] = {**c[k], **v} if isinstance(v, dict) and isinstance(c.get(k), dict) else v
+    return c
+
+
+def _slice(batch: Dict[str, torch.Tensor], lo: int, hi: int) -> Dict[str, torch.Tensor]:
+    """Rows lo:hi, with the columns trimmed to the longest sequence among them."""
+    part = {k: v[lo:hi] for k, v in batch.items()}
+    T = int(part["attention_mask"].sum(-1).max().item()) if hi > lo else 1
+    return {k: (v[:, :max(T, 2)] if v.dim() == 2 else v) for k, v in part.items()}
+
+
+class LearnerWorker:
+    """One rank. Construct, then (all ranks concurrently) :meth:`setup` with rank 0's endpoint."""
+
+    def __init__(self, cfg: Any, model_path: str, rank: int, world_size: int,
+                 ds_config_overrides: Optional[Dict[str, Any]] = None):
+        self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        self.ds_overrides = ds_config_overrides or {}
+        self.engine = None
+        self.sync_group = None
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:  # fractional CPU actors: one thread each, no oversubscription
+            torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_actor)))
+
+    # ------------------------------------------------------------------ world and engine
+    def endpoint(self) -> tuple:
+        """(address, free port) of this node: rank 0's answer becomes the world's rendezvous."""
+        from dispo_ray.weight_sync import find_free_port, local_ip
+        return local_ip(), find_free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> Dict[str, Any]:
+        """Join the DeepSpeed world (gloo on CPU, NCCL on GPU), load the model, build the engine."""
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        env = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(self.rank),
+               "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0" if self.cuda else str(self.rank)}
+        os.environ.update(env)
+        backend = "nccl" if self.cuda else "gloo"
+        if self.cuda:
+            torch.cuda.set_device(0)  # Ray gives each actor its own CUDA_VISIBLE_DEVICES
+        else:
+            # DeepSpeed's CPU comm backend JIT-compiles a shared-memory op (~30 s) used only by
+            # inference_all_reduce (tensor-parallel inference), which training never calls.
+            from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+            deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+        timeout = timedelta(seconds=max(60.0, self.cfg.learner.sync_timeout_s))
+        torch.distributed.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                             rank=self.rank, world_size=self.world_size, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+        torch.manual_seed(self.cfg.trainer.seed)
+        lm = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        self.hf_config = lm.config
+        self.policy = _PolicyLogProbs(lm, self.cfg.learner.logprob_chunk_size)
+        l = self.cfg.learner
+        opt = torch.optim.AdamW(self.policy.parameters(), lr=l.lr, betas=tuple(l.betas),
+                                weight_decay=l.weight_decay)
+        total = self.cfg.trainer.total_steps * l.mini_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(l.warmup_steps, total, l.lr_schedule))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.policy, optimizer=opt, lr_scheduler=sched,
+            config=ds_config(self.cfg, self.world_size, self.ds_overrides))
+        self.zero3 = self.engine.zero_optimization_stage() == 3
+        self.device = self.engine.device
+        # HF names (wrapper prefix stripped); a tied lm_head.weight is not a separate parameter.
+        self.named_params = [(n[len("lm."):], p) for n, p in self.engine.module.named_parameters()]
+        self.loss_fn = get_policy_loss(self.cfg.algorithm.name)
+        return {"rank": self.rank, "backend": backend, "device": str(self.device),
+                "zero_stage": self.engine.zero_optimization_stage()}
+
+    def _to_dev(self, mb: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in mb.items()}
+
+    def _forward(self, mb: Dict[str, torch.Tensor]):
+        return self.engine(mb["input_ids"], mb["attention_mask"].long(), mb["response_mask"])
+
+    # ------------------------------------------------------------------ log-probs and training
+    def compute_log_probs(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(input_ids[:, t] | < t) on response positions (0 elsewhere), ``[b, T]``, no grad."""
+        self.engine.eval()
+        out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        mbs = self.cfg.learner.micro_batch_size
+        with torch.no_grad():
+            for lo in range(0, batch["input_ids"].shape[0], mbs):
+                mb = self._to_dev(_slice(batch, lo, lo + mbs))
+                lp, _ = self._forward(mb)
+                out[lo:lo + mbs, :lp.shape[1]] = lp.float().cpu()
+        return out
+
+    def train_step(self, shards: Sequence[Dict[str, torch.Tensor]], global_tokens: Sequence[float],
+                   global_seqs: Sequence[float]) -> Dict[str, Any]:
+        """One optimizer step per shard (= this rank's part of one mini-batch). Returns raw sums
+        (loss, registry metrics, mismatch) that the group merges over ranks."""
+        l, algo = self.cfg.learner, self.cfg.algorithm
+        if len(shards) != len(global_tokens) or len(shards) != len(global_seqs):
+            raise ValueError("train_step: shards, global_tokens and global_seqs differ in length")
+        is_w: List[Optional[torch.Tensor]] = [None] * len(shards)
+        out: Dict[str, Any] = {"loss": [], "grad_norm": [], "lr": []}
+        if algo.mismatch_is_cap > 0:  # truncated IS on the engine mismatch, from a pre-update pass
+            for m, shard in enumerate(shards):
+                lp = self.compute_log_probs(shard)
+                is_w[m] = torch.exp(lp - shard["old_log_probs"]).clamp(max=algo.mismatch_is_cap)
+        self.engine.train()
+        raws = []
+        for m, shard in enumerate(shards):
+            n = shard["input_ids"].shape[0]
+            starts = list(range(0, n, l.micro_batch_size))
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            loss_sum = 0.0
+            for k, lo in enumerate(starts):
+                part = dict(shard, **({"is_weights": is_w[m]} if is_w[m] is not None else {}))
+                mb = self._to_dev(_slice(part, lo, lo + l.micro_batch_size))
+                self.engine.set_gradient_accumulation_boundary(k == len(starts) - 1)
+                lp, ent = self._forward(mb)
+                lp = lp.float()
+                if m == 0 and k == 0:  # before any update: generator-vs-learner mismatch
+                    out.update(self._mismatch(lp.detach(), mb))
+                loss, raw = self.loss_fn(
+                    log_probs=lp, old_log_probs=mb["old_log_probs"], advantages=mb["advantages"],
+                    response_mask=mb["response_mask"], config=algo, loss_agg_mode=algo.loss_agg_mode,
+                    global_tokens=float(global_tokens[m]), global_seqs=float(global_seqs[m]),
+                    entropy=ent, correct=mb["correct"], is_weights=mb.get("is_weights"))
+                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                norm = self._stage0_grad_norm() if k == len(starts) - 1 else None
+                self.engine.step()
+                loss_sum += float(loss.detach())
+                raws.append(raw)
+            gn = self.engine.get_global_grad_norm()
+            out["grad_norm"].append(float(gn) if gn is not None else norm)
+            out["loss"].append(loss_sum)
+            out["lr"].append(lr)
+        out["raw"] = merge_raw_metrics(*raws)
+        return out
+
+    def _stage0_grad_norm(self) -> Optional[float]:
+        """Without ZeRO DeepSpeed does not record the norm; the grads are reduced by now."""
+        if self.engine.zero_optimization_stage() > 0:
+            return None
+        grads = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    @staticmethod
+    def _mismatch(lp: torch.Tensor, mb: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Sums over response tokens of |logp_learner - logp_gen| and the k3 estimate of
+        KL(pi_gen || pi_learner) from generator samples: (r - 1) - log r, r = pi_learner / pi_gen."""
+        m = mb["response_mask"].bool()
+        d = (lp - mb["old_log_probs"])[m]
+        return {"mismatch_abs_sum": float(d.abs().sum()), "mismatch_kl_sum": float((d.exp() - 1 - d).sum()),
+                "mismatch_n": float(m.sum())}
+
+    # ------------------------------------------------------------------ gathering (ZeRO-3 aware)
+    def _gathered(self, names: Sequence[str]):
+        """Context in which the named parameters are whole on every rank (all ranks must enter)."""
+        import deepspeed
+        lookup = dict(self.named_params)
+        return deepspeed.zero.GatheredParameters([lookup[n] for n in names], modifier_rank=None,
+                                                 enabled=self.zero3)
+
+    def manifest(self):
+        """HF-named ParamSpecs in the dtype the generators hold (``model.dtype``)."""
+        from dispo_ray.weight_sync import ParamSpec
+        dtype = self.cfg.model.dtype
+        return [ParamSpec(n, tuple(getattr(p, "ds_shape", p.shape)), dtype) for n, p in self.named_params]
+
+    def _iter_buckets(self, bucket_bytes: int):
+        """Yield (bucket specs, whole tensors in manifest dtype) one bucket at a time; under ZeRO-3
+        only that bucket is gathered. Rank 0 gets the tensors, other ranks None (all must iterate)."""
+        from dispo_ray.weight_sync import plan_buckets
+        lookup = dict(self.named_params)
+        for bucket in plan_buckets(self.manifest(), bucket_bytes):
+            with self._gathered([s.name for s in bucket]):
+                yield bucket, ([lookup[s.name].data.to(s.torch_dtype) for s in bucket] if self.rank == 0 else None)
+
+    def hf_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The full policy weights (HF names, CPU) on rank 0; None elsewhere. All ranks must call."""
+        sd: Dict[str, torch.Tensor] = {}
+        for bucket, tensors in self._iter_buckets(self.cfg.learner.sync_bucket_mb << 20):
+            if tensors is not None:
+                sd.update({s.name: t.detach().cpu().clone() for s, t in zip(bucket, tensors)})
+        return sd if self.rank == 0 else None
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def save_checkpoint(self, path: str) -> str:
+        """DeepSpeed checkpoint (model, optimizer, scheduler; ZeRO shards per rank) + this rank's
+        RNG states. All ranks must call."""
+        os.makedirs(path, exist_ok=True)
+        self.engine.save_checkpoint(path)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if self.cuda else None}
+        torch.save(rng, os.path.join(path, f"rng_rank{self.rank}.pt"))
+        torch.distributed.barrier()
+        return path
+
+    def load_checkpoint(self, path: str) -> str:
+        if not os.path.isfile(os.path.join(path, "latest")):
+            raise FileNotFoundError(f"load_checkpoint: no DeepSpeed checkpoint ('latest' file) in {path}")
+        loaded, _ = self.engine.load_checkpoint(path, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"load_checkpoint: DeepSpeed could not load {path}")
+        rng = torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if self.cuda and rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return loaded
+
+    def export_hf(self, path: str) -> Optional[str]:
+        """``save_pretrained`` folder (safetensors, ``model.dtype``) + the source's tokenizer files,
+        loadable by transformers and vLLM as is. ZeRO-3: gathered bucket by bucket. All ranks call."""
+        sd = self.hf_state_dict()
+        if self.rank != 0:
+            torch.distributed.barrier()
+            return None
+        self.policy.lm.save_pretrained(path, state_dict=sd, safe_serialization=True)
+        for f in os.listdir(self.model_path):
+            src = os.path.join(self.model_path, f)
+            if os.path.isfile(src) and f != "config.json" and not f.endswith(_WEIGHT_FILES):
+                shutil.copy2(src, os.path.join(path, f))
+        torch.distributed.barrier()
+        return path
+
+    # ------------------------------------------------------------------ weight sync (sender side)
+    def init_weight_sync(self, host: str, port: int, world_size: int) -> bool:
+        """Rank 0 joins the weight-sync group as its rank 0 (store master); other ranks do nothing."""
+        if self.rank != 0:
+            return False
+        from dispo_ray.weight_sync import WeightSyncGroup
+        self.sync_group = WeightSyncGroup("nccl" if self.cuda else "gloo", host, port, 0, world_size,
+                                          timeout_s=self.cfg.learner.sync_timeout_s)
+        return True
+
+    def broadcast_weights(self, version: int) -> Optional[Dict[str, float]]:
+        """Every rank calls this; buckets are gathered one at a time (ZeRO-3) and rank 0 sends them.
+        A send failure on rank 0 is raised only after the loop, so the other ranks never hang in a
+        gather that rank 0 skipped."""
+        from dispo_ray.weight_sync import SyncSender
+        bucket_bytes = self.cfg.learner.sync_bucket_mb << 20
+        sender, error = None, None
+        if self.rank == 0:
+            if self.sync_group is None:
+                raise RuntimeError("broadcast_weights: call init_weight_sync first")
+            sender = SyncSender(self.sync_group, self.manifest(), bucket_bytes)
+            try:
+                sender.begin(version)
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                error = e
+        for _, tensors in self._iter_buckets(bucket_bytes):
+            if sender is not None and error is None:
+                try:
+                    sender.send_bucket(tensors)
+                except Exception as e:  # noqa: BLE001
+                    error = e
+        if error is not None:
+            raise error
+        return sender.end() if sender is not None else None
+
+    def shutdown(self) -> None:
+        if self.sync_group is not None:
+            self.sync_group.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _remote():
+    import ray
+    return ray.remote(LearnerWorker)
+
+
+LearnerActor = _remote()
