@@ -101,7 +101,7 @@ def normalize_ground_truth(gt: str, data_source: str = "") -> str:
 
 
 # ---------------------------------------------------------------- pre-filters
-_NUM_TOKENS = re.compile(r"\d+(?:\.\d+)?|\*\*|\\[a-zA-Z]+|\\.|[{}()\[\]^!+\-,=*]|\s+|.", re.S)
+_NUM_TOKENS = re.compile(r"[0-9]+(?:\.[0-9]+)?|\*\*|\\[a-zA-Z]+|\\.|[{}()\[\]^!+\-,=*]|\s+|.", re.S)
 _SUM_OPS = {"+", "-", ",", "=", "\\pm", "\\mp", "\\le", "\\ge", "\\leq", "\\geq"}
 _CLOSE = {"}": "{", ")": "(", "]": "["}
 
@@ -130,8 +130,10 @@ def _estimate_log10(s: str) -> float:
         nonlocal pos
         t = toks[pos]
         pos += 1
-        if t[0].isdigit():  # log10 of the literal; a decimal counts as its digit string
-            digits = t.replace(".", "").lstrip("0") or "0"
+        if "0" <= t[0] <= "9":  # log10 of the literal; a decimal counts as its digit string
+            digits = t.replace(".", "").lstrip("0")
+            if not digits:
+                return 0.0
             return math.log10(int(digits)) if len(digits) < 300 else float(len(digits))
         if t in ("{", "(", "["):
             v = seq(_CLOSE_OF[t])

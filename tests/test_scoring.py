@@ -114,7 +114,7 @@ def test_prefilter_rejects_bombs_but_not_big_honest_numbers(rcfg):
     for bomb in [r"9^{9^{9^{9}}}+1", r"9^{9^{9}}", r"10^{10^{10}}", r"(10^{100})!", "9**9**9",
                  r"{9}^{{9}^{9}}", "1000000!", "1" * 1001, "{" * 70 + "1" + "}" * 70]:
         assert prefilter(bomb, 1000) == "too_long", bomb
-    for fine in [r"2^{64}", "100!", r"2^{2^{2^{2}}}", r"\frac{1}{2}", "x^{2}+1", "9" * 500]:
+    for fine in ["0^{0}", "0.0^{00}", "\u0663^{2}", r"2^{64}", "100!", r"2^{2^{2^{2}}}", r"\frac{1}{2}", "x^{2}+1", "9" * 500]:
         assert prefilter(fine, 1000) is None, fine
     r = score(r"\boxed{9^{9^{9^{9}}}+1}", "1", rcfg)
     assert (r.reason, r.reward, r.correct) == ("too_long", 0.0, False)

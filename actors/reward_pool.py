@@ -1,0 +1,235 @@
+"""The reward / verifier pool: N CPU Ray actors, each owning one :class:`~dispo_ray.sandbox.Sandbox`.
+
+:class:`RewardPool` is a plain object the driver holds (or anyone: ``RewardPool(cfg.reward,
+max_new_tokens=...)`` inside a running Ray). ``score(items)`` splits the batch into chunks and
+hands them to idle workers as they free up (so one slow chunk does not stall the batch), and
+returns one :class:`~dispo_ray.scoring.ScoreResult` per item in input order. A worker that dies
+(``RayActorError``) or stops answering is killed, replaced, and its chunk re-queued; each chunk's
+results are written exactly once, so nothing is lost or duplicated.
+
+This module must stay light to import: every worker imports it, so no torch (``Sample`` is
+recognised by its attributes, not imported).
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+
+from dispo_ray.sandbox import Sandbox
+from dispo_ray.scoring import ScoreResult, finalize, prepare
+
+_NEEDED = ("num_workers", "num_cpus_per_worker", "timeout_s", "memory_mb", "correct_reward",
+           "wrong_reward", "format_reward", "overlong_buffer", "overlong_penalty",
+           "max_answer_chars")
+
+
+@ray.remote(max_restarts=0, max_concurrency=1)
+class RewardWorker:
+    """One CPU actor: extraction and pre-filters here, math-verify in its sandbox child."""
+
+    def __init__(self, reward_cfg: Any, max_new_tokens: int, sandbox_options: Dict[str, Any]):
+        self.cfg = reward_cfg
+        self.max_new_tokens = int(max_new_tokens)
+        self.sandbox = Sandbox(reward_cfg.timeout_s, reward_cfg.memory_mb, **sandbox_options)
+        self.scored = 0
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def score(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        out = []
+        for it in items:
+            t0 = time.monotonic()
+            try:
+                answer, gt, reason = prepare(it["response_text"], it["ground_truth"],
+                                             it["data_source"], self.cfg.max_answer_chars)
+            except Exception:  # a bug in extraction must cost one item, not the batch
+                answer, gt, reason = None, "", "crashed"
+            if reason is None:
+                reason, _ = self.sandbox.verify(answer, gt)
+            res = finalize(reason, answer, it["response_length"], self.max_new_tokens, self.cfg)
+            res.elapsed_s = time.monotonic() - t0
+            out.append(res.to_dict())
+        self.scored += len(items)
+        return out
+
+    def stats(self) -> Dict[str, Any]:
+        s = self.sandbox.stats()
+        s.update(pid=os.getpid(), cwd=os.getcwd(), scored=self.scored)
+        return s
+
+    def close(self) -> None:
+        self.sandbox.close()
+
+
+def _as_item(x: Any, i: int) -> Dict[str, Any]:
+    """A dict or a rollout ``Sample`` -> the few fields a worker needs (never the token lists)."""
+    if isinstance(x, dict):
+        missing = [k for k in ("response_text", "ground_truth") if k not in x]
+        if missing:
+            raise ValueError(f"reward item {i}: missing key(s) {', '.join(missing)}")
+        text, gt = x["response_text"], x["ground_truth"]
+        src, length = x.get("data_source", ""), x.get("response_length", 0)
+    elif hasattr(x, "response_text") and hasattr(x, "ground_truth"):
+        text, gt = x.response_text, x.ground_truth
+        src, length = getattr(x, "data_source", ""), getattr(x, "response_length", 0)
+    else:
+        raise TypeError(f"reward item {i}: expected a dict or a Sample, got {type(x).__name__}")
+    if not isinstance(text, str):
+        raise TypeError(f"reward item {i}: response_text must be str, got {type(text).__name__}")
+    if not isinstance(length, int) or length < 0:
+        raise ValueError(f"reward item {i}: response_length must be an int >= 0, got {length!r}")
+    return {"response_text": text, "ground_truth": str(gt), "data_source": str(src or ""),
+            "response_length": length}
+
+
+class RewardPool:
+    """``reward.num_workers`` sandboxed verifier actors behind one batch API."""
+
+    def __init__(self, cfg: Any, max_new_tokens: int, *, num_workers: Optional[int] = None,
+                 chunk_size: Optional[int] = None, sandbox_options: Optional[Dict[str, Any]] = None,
+                 max_chunk_retries: int = 3, start_timeout_s: float = 180.0):
+        missing = [k for k in _NEEDED if not hasattr(cfg, k)]
+        if missing:
+            raise ValueError(f"RewardPool: reward config lacks {', '.join(missing)}")
+        n = cfg.num_workers if num_workers is None else num_workers
+        for key, ok, allowed in (("num_workers", n >= 1, ">= 1"),
+                                 ("timeout_s", cfg.timeout_s > 0, "> 0"),
+                                 ("memory_mb", cfg.memory_mb >= 64, ">= 64"),
+                                 ("max_answer_chars", cfg.max_answer_chars >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"RewardPool: reward.{key} must be {allowed}")
+        if max_new_tokens < 1:
+            raise ValueError(f"RewardPool: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"RewardPool: chunk_size must be >= 1, got {chunk_size}")
+        if not ray.is_initialized():
+            raise RuntimeError("RewardPool: Ray is not initialized (call ray.init first)")
+        self.cfg = cfg
+        self.max_new_tokens = int(max_new_tokens)
+        self.target_size = int(n)
+        self.chunk_size = chunk_size
+        self.sandbox_options = dict(sandbox_options or {})
+        self.max_chunk_retries = max_chunk_retries
+        self.start_timeout_s = start_timeout_s
+        self.replaced = 0
+        self.workers: List[Any] = [self._spawn() for _ in range(self.target_size)]
+        ray.get([w.ready.remote() for w in self.workers], timeout=start_timeout_s)
+
+    # ----------------------------------------------------------- workers
+    def _spawn(self) -> Any:
+        return RewardWorker.options(num_cpus=self.cfg.num_cpus_per_worker).remote(
+            self.cfg, self.max_new_tokens, self.sandbox_options)
+
+    def _replace(self, i: int) -> None:
+        try:
+            ray.kill(self.workers[i], no_restart=True)
+        except Exception:  # already dead
+            pass
+        self.workers[i] = self._spawn()
+        self.replaced += 1
+
+    def _chunk_deadline(self, n_items: int) -> float:
+        # worst case every item of the chunk is a bomb, plus a replacement actor's start-up
+        return n_items * (self.cfg.timeout_s + 2.0) + self.start_timeout_s
+
+    # ----------------------------------------------------------- scoring
+    def score(self, items: Sequence[Any]) -> List[ScoreResult]:
+        """Score dicts (``response_text``, ``ground_truth``, optional ``data_source``,
+        ``response_length``) or ``Sample``s; returns results in input order."""
+        batch = [_as_item(x, i) for i, x in enumerate(items)]
+        n = len(batch)
+        if n == 0:
+            return []
+        w = len(self.workers)
+        cs = self.chunk_size or max(1, min(64, math.ceil(n / (4 * w))))
+        todo = collections.deque(range(0, n, cs))  # chunk starts
+        results: List[Optional[ScoreResult]] = [None] * n
+        tries: Dict[int, int] = collections.defaultdict(int)
+        idle = list(range(w))
+        inflight: Dict[Any, tuple] = {}  # ref -> (worker index, chunk start, sent at)
+        while todo or inflight:
+            while idle and todo:
+                wi, start = idle.pop(), todo.popleft()
+                ref = self.workers[wi].score.remote(batch[start:start + cs])
+                inflight[ref] = (wi, start, time.monotonic())
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in done:
+                wi, start, _sent = inflight.pop(ref)
+                try:
+                    out = ray.get(ref)
+                except (RayActorError, WorkerCrashedError):
+                    self._lost(wi, start, cs, n, tries, todo, results)
+                else:
+                    for j, r in enumerate(out):
+                        results[start + j] = ScoreResult(**r)
+                idle.append(wi)
+            now = time.monotonic()
+            for ref, (wi, start, sent) in list(inflight.items()):
+                if now - sent > self._chunk_deadline(min(cs, n - start)):  # hung actor
+                    inflight.pop(ref)
+                    self._lost(wi, start, cs, n, tries, todo, results)
+                    idle.append(wi)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _lost(self, wi: int, start: int, cs: int, n: int, tries: Dict[int, int],
+              todo: collections.deque, results: List[Optional[ScoreResult]]) -> None:
+        """Worker ``wi`` died on chunk ``start``: replace it; re-queue or give up on the chunk."""
+        self._replace(wi)
+        tries[start] += 1
+        if tries[start] <= self.max_chunk_retries:
+            todo.appendleft(start)
+            return
+        for j in range(start, min(start + cs, n)):
+            results[j] = finalize("crashed", None, 0, self.max_new_tokens, self.cfg)
+
+    def score_samples(self, samples: Sequence[Any]) -> List[ScoreResult]:
+        """Score rollout ``Sample``s and fill their ``reward``, ``correct`` and ``reason``."""
+        results = self.score(samples)
+        for s, r in zip(samples, results):
+            s.reward, s.correct, s.reason = r.reward, r.correct, r.reason
+        return results
+
+    # ----------------------------------------------------------- health
+    def health(self, timeout_s: float = 30.0) -> Dict[str, Any]:
+        """Ping every worker, replace the ones that are dead, and report the pool's state."""
+        stats: List[Optional[Dict[str, Any]]] = []
+        for i, wkr in enumerate(self.workers):
+            try:
+                stats.append(ray.get(wkr.stats.remote(), timeout=timeout_s))
+            except (RayActorError, WorkerCrashedError, GetTimeoutError):
+                self._replace(i)
+                stats.append(None)
+        alive = sum(s is not None for s in stats)
+        return {"size": len(self.workers), "target": self.target_size, "alive": alive,
+                "replaced": self.replaced, "workers": stats,
+                "timeouts": sum(s["timeouts"] for s in stats if s),
+                "crashes": sum(s["crashes"] for s in stats if s),
+                "stray_files": sum(s["stray_files"] + s["child_stray_files"] for s in stats if s)}
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def shutdown(self) -> None:
+        """Stop the sandbox children and the actors."""
+        for wkr in self.workers:
+            try:
+                ray.get(wkr.close.remote(), timeout=10)
+            except Exception:
+                pass
+            try:
+                ray.kill(wkr, no_restart=True)
+            except Exception:
+                pass
+        self.workers = []
