@@ -8,7 +8,8 @@ the logits are ``z_n = W h_n`` and, for the target token ``y_n``,
 
 The rows are processed ``chunk_size`` at a time and every chunk is wrapped in activation
 checkpointing, so at most one ``[chunk_size, vocab]`` float32 logits tensor exists at any moment,
-in the forward and in the backward pass (the chunk is recomputed there). The gradient flows
+in the forward and in the backward pass (the chunk is recomputed there; when all rows fit in one
+chunk nothing is recomputed, since keeping that one chunk is within the same bound). The gradient flows
 through ``log p`` into ``h`` and ``W``; the entropy is a detached metric.
 
 Causal-LM convention (see ``dispo_ray.rollout``): position ``t`` of a ``[B, T]`` batch holds
@@ -40,7 +41,8 @@ def token_logprobs_from_hidden(hidden: torch.Tensor, head: Callable[[torch.Tenso
     """``hidden [N, H]``, ``targets [N]`` -> ``(log_probs [N] float32, entropy [N] float32, detached)``.
 
     ``head`` maps ``[n, H] -> [n, V]`` (the model's LM head module, so that ZeRO-3 gathers its
-    weight on every call). Chunks are checkpointed when gradients are needed (default).
+    weight on every call). By default chunks are checkpointed when gradients are needed and there
+    is more than one chunk.
     """
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"token_logprobs_from_hidden: hidden {tuple(hidden.shape)} and targets "
@@ -48,7 +50,7 @@ def token_logprobs_from_hidden(hidden: torch.Tensor, head: Callable[[torch.Tenso
     if chunk_size < 1:
         raise ValueError(f"token_logprobs_from_hidden: chunk_size={chunk_size} must be >= 1")
     if checkpoint_chunks is None:
-        checkpoint_chunks = torch.is_grad_enabled() and hidden.requires_grad
+        checkpoint_chunks = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_size
     lps, ents = [], []
     for s in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[s:s + chunk_size], targets[s:s + chunk_size]

@@ -76,10 +76,11 @@ def test_matches_naive_values_and_gradients(chunk, use_mask):
     assert (lp[:, 0] == 0).all() and not ent.requires_grad
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, grads_ref[n], atol=1e-5, rtol=1e-4), n
-    # Never more than `chunk` rows through the head at once, and the backward recomputes chunks.
+    # Never more than `chunk` rows through the head at once; with several chunks the backward
+    # recomputes each (activation checkpointing) instead of keeping every chunk's logits.
     n_rows = int(mask[:, 1:].sum()) if use_mask else B * (T - 1)
     assert max(head.rows) <= chunk
-    assert sum(head.rows) == 2 * n_rows
+    assert sum(head.rows) == (2 * n_rows if n_rows > chunk else n_rows)
 
 
 def test_no_grad_path_and_bad_input():
