@@ -94,6 +94,9 @@ class LearnerWorker:
         self.engine = None
         self.sync_group = None
         self.cuda = torch.cuda.is_available()
+        # The device decides the accelerator (a global DS_ACCELERATOR=cpu, as CI sets, must not
+        # pin a GPU actor to the CPU); DeepSpeed reads it on first use, after this point.
+        os.environ["DS_ACCELERATOR"] = "cuda" if self.cuda else "cpu"
         if not self.cuda:  # fractional CPU actors: one thread each, no oversubscription
             torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_actor)))
 
@@ -106,7 +109,13 @@ class LearnerWorker:
     def setup(self, master_addr: str, master_port: int) -> Dict[str, Any]:
         """Join the DeepSpeed world (gloo on CPU, NCCL on GPU), load the model, build the engine."""
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
         from transformers import AutoModelForCausalLM
+
+        accel = get_accelerator().device_name()
+        if accel != os.environ["DS_ACCELERATOR"]:
+            raise RuntimeError(f"learner rank {self.rank}: DeepSpeed's accelerator is '{accel}' but this "
+                               f"process has {'a GPU' if self.cuda else 'no GPU'}")
 
         env = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(self.rank),
                "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0" if self.cuda else str(self.rank)}

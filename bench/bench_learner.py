@@ -43,7 +43,7 @@ def _bare_step(lm, opt, batch, cfg, loss_fn) -> None:
     mbs, tokens = cfg.learner.micro_batch_size, batch["response_mask"].sum()
     opt.zero_grad(set_to_none=True)
     for lo in range(0, batch["input_ids"].shape[0], mbs):
-        b = {k: v[lo:lo + mbs] for k, v in batch.items()}
+        b = {k: v[lo:lo + mbs].to(lm.device) for k, v in batch.items()}
         logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long()).logits
         lp, ent = naive_token_logprobs(logits, b["input_ids"])
         loss, _ = loss_fn(log_probs=lp, old_log_probs=b["old_log_probs"], advantages=b["advantages"],
@@ -69,7 +69,7 @@ def _measure(zero_stage: int, quick: bool, workdir: str) -> dict:
     worker = LearnerWorker(cfg, path, 0, 1)
     worker.setup("127.0.0.1", find_free_port())
     torch.set_num_threads(1)  # same for both sides
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(worker.device)  # same device
     l = cfg.learner
     opt = torch.optim.AdamW(lm.parameters(), lr=l.lr, betas=tuple(l.betas), weight_decay=l.weight_decay)
     loss_fn = get_policy_loss(cfg.algorithm.name)
@@ -84,6 +84,8 @@ def _measure(zero_stage: int, quick: bool, workdir: str) -> dict:
                            ("bare", lambda: _bare_step(lm, opt, batch, cfg, loss_fn))):
             w0, c0 = time.perf_counter(), time.process_time()
             step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             if i:
                 times[f"{side}_wall"].append(time.perf_counter() - w0)
                 times[f"{side}_cpu"].append(time.process_time() - c0)
