@@ -51,10 +51,12 @@ class RewardWorker:
                                              it["data_source"], self.cfg.max_answer_chars)
             except Exception:  # a bug in extraction must cost one item, not the batch
                 answer, gt, reason = None, "", "crashed"
-            if reason is None:
-                reason, _ = self.sandbox.verify(answer, gt)
+            elapsed = time.monotonic() - t0
+            if reason is None:  # the sandbox's time excludes waiting for a replacement child
+                reason, verify_s = self.sandbox.verify(answer, gt)
+                elapsed += verify_s
             res = finalize(reason, answer, it["response_length"], self.max_new_tokens, self.cfg)
-            res.elapsed_s = time.monotonic() - t0
+            res.elapsed_s = elapsed
             out.append(res.to_dict())
         self.scored += len(items)
         return out

@@ -34,7 +34,7 @@ class ScoreResult:
     reason: str
     answer: Optional[str] = None  # extracted answer (cut to 200 chars), None if there was none
     overlong: float = 0.0  # the (non-positive) DAPO overlong term included in ``reward``
-    elapsed_s: float = 0.0  # wall time of the verification step, measured by the worker
+    elapsed_s: float = 0.0  # extraction + verification time in the worker (not a child's start)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
