@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Submit the training job to a running Ray cluster (the long-lived KubeRay cluster of
+# deploy/kuberay-ray-cluster-values.yaml, or any `ray start --head`).
+#
+#   RAY_ADDRESS=http://127.0.0.1:8265 deploy/submit.sh trainer.total_steps=200 model.path=/mnt/models/qwen
+#   EPS_HIGH_NEG=55 deploy/submit.sh ...            # the four DISPO clip parameters, by env var
+#   SUBMIT_ARGS="--no-wait --submission-id run-1" deploy/submit.sh ...   # extra `ray job submit` flags
+#
+# The checkout is uploaded as the job's working dir, minus what deploy/runtime_env.yaml excludes;
+# arguments after the script name are Hydra overrides (the last one wins, so they may also
+# override the clip values set here). The job joins the cluster (cluster.address=auto). Set
+# trainer.run_dir to shared storage: the default (runs/...) lies in the job's temporary working dir.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
+RAY_BIN="${RAY_BIN:-ray}"
+read -r -a submit_args <<< "${SUBMIT_ARGS:-}"
+
+exec "$RAY_BIN" job submit --address "$RAY_ADDRESS" \
+  --working-dir . --runtime-env deploy/runtime_env.yaml \
+  "${submit_args[@]}" \
+  -- python -m dispo_ray.main cluster.address=auto algorithm=dispo \
+  "algorithm.eps_low_pos=${EPS_LOW_POS:-0.2}" \
+  "algorithm.eps_high_pos=${EPS_HIGH_POS:-10.0}" \
+  "algorithm.eps_low_neg=${EPS_LOW_NEG:-1.0}" \
+  "algorithm.eps_high_neg=${EPS_HIGH_NEG:-100.0}" \
+  "$@"
