@@ -1,0 +1,87 @@
+"""What every generation backend shares: sampling settings, the per-sample result, and the
+receiving end of the weight broadcast.
+
+A backend only wraps its engine's calls: ``generate(prompt_token_ids, n, spec)`` returning, per
+prompt, ``n`` :class:`Completion` (sampled ids, the log-prob of each sampled token, finish
+reason) in sample order; joining the weight-sync group; receiving one broadcast into the running
+engine. Everything else (records, versions, accounting) lives once in ``actors.generator``.
+
+Log-prob convention (both backends): ``log softmax`` of the logits *after* temperature and top-p
+(the distribution the token was actually drawn from), at the sampled token; with temperature 0
+(greedy) the raw logits. With ``temperature = 1, top_p = 1`` this is ``log pi_theta(token)``
+exactly as a plain forward pass computes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from dispo_ray.weight_sync import ParamSpec, WeightSyncGroup, receive_weights
+
+
+@dataclass
+class SamplingSpec:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop: List[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, gen_cfg: Any, overrides: Optional[Dict[str, Any]] = None) -> "SamplingSpec":
+        """``generator.*`` sampling defaults, with per-call ``overrides`` (e.g. ``{"temperature": 0}``)."""
+        base = {f.name: getattr(gen_cfg, f.name) for f in fields(cls)}
+        for k, v in (overrides or {}).items():
+            if k not in base:
+                raise ValueError(f"sampling override {k!r}: must be one of {', '.join(base)}")
+            base[k] = v
+        spec = cls(float(base["temperature"]), float(base["top_p"]), int(base["max_new_tokens"]),
+                   list(base["stop"] or []))
+        if spec.temperature < 0 or not 0 < spec.top_p <= 1 or spec.max_new_tokens < 1:
+            raise ValueError(f"sampling {spec}: need temperature >= 0, top_p in (0, 1], max_new_tokens >= 1")
+        return spec
+
+
+@dataclass
+class Completion:
+    token_ids: List[int]
+    logprobs: List[float]
+    finish_reason: str  # "stop" (eos or a stop string) | "length"
+
+
+def manifest_to_wire(manifest: Sequence[Any]) -> List[Tuple[str, Tuple[int, ...], str]]:
+    """Plain tuples for crossing process boundaries (Ray, vLLM's RPC): (name, shape, dtype)."""
+    out = []
+    for p in manifest:
+        name, shape, dtype = (p.name, p.shape, p.dtype) if isinstance(p, ParamSpec) else p
+        out.append((str(name), tuple(int(d) for d in shape), str(dtype).replace("torch.", "")))
+    return out
+
+
+class WeightReceiver:
+    """One generator rank of the weight-sync group (rank 0 is the learner).
+
+    :meth:`receive` reads one broadcast and hands ``(name, tensor)`` pairs to ``load`` as they
+    arrive bucket by bucket; names in ``skip`` (e.g. a tied ``lm_head.weight``) are received but
+    not loaded. The stream is always drained, so the sender never blocks on this rank.
+    """
+
+    def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int,
+                 manifest: Sequence[Any], bucket_bytes: int, timeout_s: float,
+                 device: Optional[torch.device] = None):
+        self.manifest = [ParamSpec(n, tuple(s), d) for n, s, d in manifest_to_wire(manifest)]
+        self.bucket_bytes, self.rank = int(bucket_bytes), rank
+        self.group = WeightSyncGroup(backend, host, port, rank, world_size, timeout_s, device=device)
+
+    def receive(self, load: Callable[[Iterable[Tuple[str, torch.Tensor]]], Any],
+                skip: Iterable[str] = ()) -> int:
+        skip = set(skip)
+        version, stream = receive_weights(self.group, self.manifest, self.bucket_bytes)
+        load((name, t) for name, t in stream if name not in skip)
+        for _ in stream:  # whatever ``load`` left unread
+            pass
+        return version
+
+    def close(self) -> None:
+        self.group.close()

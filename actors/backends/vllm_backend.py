@@ -1,0 +1,81 @@
+"""The ``vllm`` backend: one vLLM engine (the CPU build here, the CUDA build on GPU clusters).
+
+Only engine calls live here. Prompts go in as token ids (``TokensPrompt``), so the engine sees
+exactly the ids the data loader produced. ``logprobs_mode="processed_logprobs"`` with
+``logprobs=0`` returns the sampled token's log-prob under the temperature/top-p distribution it
+was drawn from (see ``actors.backends.base``). Weight updates run inside the engine's workers
+through ``actors.vllm_worker_ext`` (``worker_extension_cls``), without restarting the engine.
+Tensor parallelism uses vLLM's own executor; with ``tensor_parallel_size > 1`` it is the Ray
+executor, which places its workers in the placement group the actor was scheduled into.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, List, Sequence
+
+from actors.backends.base import Completion, SamplingSpec, manifest_to_wire
+
+EXTENSION = "actors.vllm_worker_ext.WeightSyncWorkerExtension"
+
+
+class VLLMBackend:
+    def __init__(self, model_path: str, gen_cfg: Any, dtype: str, max_model_len: int):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen_cfg.kv_cache_gib))
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "0")
+        from vllm import LLM
+
+        tp = int(gen_cfg.tensor_parallel_size)
+        self.sync_ranks = tp  # every TP worker is a rank of the weight-sync group
+        self.llm = LLM(
+            model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=max_model_len,
+            seed=int(gen_cfg.seed), enforce_eager=bool(gen_cfg.enforce_eager),
+            tensor_parallel_size=tp, gpu_memory_utilization=float(gen_cfg.gpu_memory_utilization),
+            distributed_executor_backend="ray" if tp > 1 else None,
+            logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION,
+            disable_log_stats=True)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec) -> List[List[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
+            stop=list(spec.stop) or None, include_stop_str_in_output=True, logprobs=0,
+            skip_special_tokens=True)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        result = []
+        for out in outs:
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs or [])]
+                if len(lps) != len(ids):
+                    raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens")
+                group.append(Completion(ids, lps, "length" if c.finish_reason == "length" else "stop"))
+            result.append(group)
+        return result
+
+    # --- weights -------------------------------------------------------------------------------
+    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, manifest: Sequence[Any],
+                         bucket_bytes: int, timeout_s: float, backend: str) -> List[int]:
+        return self.llm.collective_rpc("dispo_init_weight_sync", args=(
+            host, port, rank, world_size, manifest_to_wire(manifest), bucket_bytes, timeout_s, backend))
+
+    def receive_weights(self) -> int:
+        versions = set(self.llm.collective_rpc("dispo_receive_weights"))
+        if len(versions) != 1:
+            raise RuntimeError(f"tensor-parallel workers received different versions {sorted(versions)}")
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        return versions.pop()
+
+    def close_weight_sync(self) -> None:
+        self.llm.collective_rpc("dispo_close_weight_sync")
+
+    def param_sums(self) -> dict:
+        return self.llm.collective_rpc("dispo_param_sums")[0]
+
+    def shutdown(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()

@@ -1,0 +1,301 @@
+"""Generator actors and the pool the driver holds.
+
+:class:`GeneratorActor` (a Ray actor) wraps one backend (``vllm`` or ``hf``, see
+``actors.backends``) and owns everything backends share: turning prompt records into
+:class:`~dispo_ray.rollout.Sample` s (n per prompt, grouped and in sample order), the weight
+``version`` that tags them, the weight-sync calls, and load accounting. Calls on one actor run
+one at a time, so every sample of a ``generate`` call carries the single version that drew it.
+
+:class:`GeneratorPool` starts ``generator.num_actors`` actors, splits each request across them
+in contiguous chunks (results come back in prompt order), reports per-actor load, and handles a
+dead actor: Ray restarts it (``max_restarts``), the pool waits for it, re-issues the failed chunk
+(on a healthy actor when there is one) and flags the restarted actor as needing a weight sync,
+since it came back with the initial weights (version 0).
+
+On GPU clusters each actor gets its own placement group of ``tensor_parallel_size`` bundles of one
+GPU, ``STRICT_PACK`` so a tensor-parallel group never spans nodes; vLLM's Ray executor places its
+TP workers in that group.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from actors.backends.base import SamplingSpec
+from dispo_ray.data import PromptRecord
+from dispo_ray.rollout import Sample
+
+log = logging.getLogger(__name__)
+MAX_RESTARTS = 3
+
+
+def make_backend(cfg: Any, model_path: str):
+    """The backend named by ``generator.backend`` over the HF folder ``model_path``."""
+    g = cfg.generator
+    max_model_len = int(cfg.data.max_prompt_length) + int(g.max_new_tokens)
+    if g.backend == "vllm":
+        from actors.backends.vllm_backend import VLLMBackend
+        return VLLMBackend(model_path, g, cfg.model.dtype, max_model_len)
+    if g.backend == "hf":
+        if g.tensor_parallel_size != 1:
+            raise ValueError(f"generator.tensor_parallel_size = {g.tensor_parallel_size}: the hf backend needs 1")
+        from actors.backends.hf_backend import HFBackend
+        return HFBackend(model_path, g, cfg.model.dtype, max_model_len)
+    raise ValueError(f"generator.backend = {g.backend!r}: must be vllm or hf")
+
+
+def _record(p: Any) -> PromptRecord:
+    return p if isinstance(p, PromptRecord) else PromptRecord(**p)
+
+
+class GeneratorActor:
+    """One engine. Wrapped with ``ray.remote`` by :class:`GeneratorPool`; usable in-process too."""
+
+    def __init__(self, cfg: Any, model_path: str, index: int = 0):
+        t0 = time.perf_counter()
+        self.cfg, self.index = cfg, index
+        self.backend = make_backend(cfg, model_path)
+        self.tokenizer = self.backend.tokenizer
+        self._version = 0
+        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
+        self.start_seconds = time.perf_counter() - t0
+        self.stats = {"calls": 0, "prompts": 0, "samples": 0, "tokens": 0, "busy_s": 0.0, "syncs": 0}
+
+    def generate(self, prompts: Sequence[Any], n: int, sampling: Optional[Dict[str, Any]] = None) -> List[Sample]:
+        """``n`` samples per prompt, as ``[p0 s0 .. p0 s(n-1), p1 s0, ...]``, tagged with this
+        actor's current weight version."""
+        if n < 1:
+            raise ValueError(f"generate: n = {n}, must be >= 1")
+        records = [_record(p) for p in prompts]
+        if not records:
+            return []
+        spec = SamplingSpec.from_config(self.cfg.generator, sampling)
+        t0 = time.perf_counter()
+        groups = self.backend.generate([r.prompt_token_ids for r in records], n, spec)
+        out: List[Sample] = []
+        for rec, group in zip(records, groups):
+            if len(group) != n:
+                raise RuntimeError(f"backend returned {len(group)} samples for prompt {rec.uid}, expected {n}")
+            for c in group:
+                out.append(Sample(
+                    prompt_uid=rec.uid, prompt_token_ids=list(rec.prompt_token_ids), response_token_ids=c.token_ids,
+                    response_logprobs=c.logprobs, version=self._version, finish_reason=c.finish_reason,
+                    response_text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                    ground_truth=rec.ground_truth, data_source=rec.data_source))
+        s = self.stats
+        s["calls"] += 1
+        s["prompts"] += len(records)
+        s["samples"] += len(out)
+        s["tokens"] += sum(len(x.response_token_ids) for x in out)
+        s["busy_s"] += time.perf_counter() - t0
+        return out
+
+    def sync_ranks(self) -> int:
+        """How many ranks of the weight-sync group this actor takes (one per TP worker)."""
+        return int(self.backend.sync_ranks)
+
+    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, manifest: Sequence[Any],
+                         bucket_bytes: int, timeout_s: float, backend: str = "gloo") -> List[int]:
+        """Join the group as ranks ``rank .. rank + sync_ranks() - 1``; blocks until every rank
+        (the learner's rank 0 included) has joined. Returns the ranks taken."""
+        return self.backend.init_weight_sync(host, port, rank, world_size, manifest, bucket_bytes, timeout_s, backend)
+
+    def update_weights(self) -> int:
+        """Receive one broadcast into the running engine; adopt the version the sender stamped on
+        it (and reset the prefix cache). Returns the new version."""
+        self._version = int(self.backend.receive_weights())
+        self.stats["syncs"] += 1
+        return self._version
+
+    def close_weight_sync(self) -> None:
+        self.backend.close_weight_sync()
+
+    def version(self) -> int:
+        return self._version
+
+    def set_version(self, version: int) -> None:
+        """Declare the loaded weights' version (e.g. after loading a checkpoint by other means)."""
+        self._version = int(version)
+
+    def param_sums(self) -> Dict[str, float]:
+        """Sum of each parameter in the engine (debugging weight updates)."""
+        return self.backend.param_sums()
+
+    def load(self) -> Dict[str, Any]:
+        s = dict(self.stats)
+        s.update(actor=self.index, version=self._version, incarnation=self.incarnation,
+                 start_seconds=round(self.start_seconds, 2),
+                 tokens_per_s=s["tokens"] / s["busy_s"] if s["busy_s"] else 0.0,
+                 samples_per_s=s["samples"] / s["busy_s"] if s["busy_s"] else 0.0)
+        return s
+
+    def ready(self) -> str:
+        return self.incarnation
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()
+
+
+def split_even(items: Sequence[Any], k: int) -> List[List[Any]]:
+    """``k`` contiguous chunks whose sizes differ by at most one (empty ones at the end)."""
+    q, r = divmod(len(items), k)
+    out, start = [], 0
+    for i in range(k):
+        size = q + (1 if i < r else 0)
+        out.append(list(items[start:start + size]))
+        start += size
+    return out
+
+
+class GeneratorPool:
+    """``generator.num_actors`` :class:`GeneratorActor` s behind one call. Plain object held by
+    the driver (it must run where Ray is initialised)."""
+
+    def __init__(self, cfg: Any, model_path: str, restart_timeout_s: float = 300.0):
+        import ray
+
+        g = cfg.generator
+        self.cfg, self.model_path, self.restart_timeout_s = cfg, model_path, restart_timeout_s
+        self.placement_groups: List[Any] = []
+        remote_cls = ray.remote(GeneratorActor)
+        self.actors = []
+        for i in range(int(g.num_actors)):
+            opts: Dict[str, Any] = dict(max_restarts=MAX_RESTARTS, max_task_retries=0, name=None,
+                                        num_cpus=float(g.num_cpus_per_actor))
+            opts.update(self._gpu_options(g))
+            self.actors.append(remote_cls.options(**opts).remote(cfg, model_path, i))
+        self.incarnations = ray.get([a.ready.remote() for a in self.actors])
+        self.version = 0  # the version every actor should hold
+        self.needs_sync: set = set()  # actors restarted since the last sync (initial weights)
+        self.reissued = 0
+
+    def _gpu_options(self, g: Any) -> Dict[str, Any]:
+        """One STRICT_PACK placement group per actor: ``tensor_parallel_size`` bundles of one GPU
+        each (TP groups never split across nodes). With TP > 1 the actor holds no GPU itself;
+        vLLM's Ray executor starts one worker per bundle (``capture_child_tasks``)."""
+        if float(g.num_gpus_per_actor) <= 0:
+            return {}
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        import ray
+
+        tp = int(g.tensor_parallel_size)
+        gpus = 1.0 if tp > 1 else float(g.num_gpus_per_actor)
+        pg = placement_group([{"GPU": gpus, "CPU": 1.0}] * tp, strategy="STRICT_PACK")
+        ray.get(pg.ready(), timeout=self.restart_timeout_s)
+        self.placement_groups.append(pg)
+        strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0,
+                                                    placement_group_capture_child_tasks=True)
+        return {"num_gpus": 0 if tp > 1 else gpus, "num_cpus": 0 if tp > 1 else min(1.0, float(g.num_cpus_per_actor)),
+                "scheduling_strategy": strategy}
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Any], n: int, sampling: Optional[Dict[str, Any]] = None) -> List[Sample]:
+        """Spread ``prompts`` over the actors; ``n`` samples per prompt, in prompt order. A chunk
+        whose actor died is re-issued once the actor is back (or on a healthy actor)."""
+        import ray
+
+        chunks = split_even(list(prompts), len(self.actors))
+        refs = {i: self.actors[i].generate.remote(c, n, sampling) for i, c in enumerate(chunks) if c}
+        results: Dict[int, List[Sample]] = {}
+        failed: List[int] = []
+        for i, ref in refs.items():
+            try:
+                results[i] = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                log.warning("generator %d failed (%s); re-issuing its %d prompts", i, type(e).__name__, len(chunks[i]))
+                failed.append(i)
+        for i in failed:
+            self._await_restart(i)
+            healthy = [j for j in range(len(self.actors)) if j not in failed and j not in self.needs_sync]
+            target = healthy[0] if healthy else i
+            results[i] = ray.get(self.actors[target].generate.remote(chunks[i], n, sampling))
+            self.reissued += len(chunks[i])
+        return [s for i in sorted(results) for s in results[i]]
+
+    def _await_restart(self, i: int) -> None:
+        """Wait until Ray has restarted actor ``i``; flag it for a weight sync if it now holds
+        weights older than the pool's version."""
+        import ray
+
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:
+            try:
+                inc = ray.get(self.actors[i].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError) as e:
+                if time.monotonic() > deadline or isinstance(e, ray.exceptions.ActorDiedError):
+                    raise RuntimeError(f"generator {i} did not come back within {self.restart_timeout_s}s: {e}") from e
+                time.sleep(0.5)
+        if inc != self.incarnations[i]:
+            self.incarnations[i] = inc
+            if self.version != 0:
+                self.needs_sync.add(i)
+
+    def check_health(self) -> List[int]:
+        """Ping every actor; returns the indices that were restarted (and now need a sync)."""
+        for i in range(len(self.actors)):
+            self._await_restart(i)
+        return sorted(self.needs_sync)
+
+    # --- weights ---------------------------------------------------------------------------------
+    def sync_world_size(self) -> int:
+        """1 (the learner's rank 0) + every actor's ranks."""
+        import ray
+        self._ranks = ray.get([a.sync_ranks.remote() for a in self.actors])
+        return 1 + sum(self._ranks)
+
+    def init_weight_sync(self, host: str, port: int, manifest: Sequence[Any], bucket_bytes: int,
+                         timeout_s: float, backend: str = "gloo") -> Tuple[int, List[Any]]:
+        """Start every actor joining the group (ranks 1..N in actor order); returns the world size
+        and the Ray refs. The caller then joins as rank 0 (``WeightSyncGroup(..., rank=0,
+        world_size)``) and ``ray.get`` s the refs. Do not call other actor methods in between: each
+        actor is blocked in the join until rank 0 arrives."""
+        world = self.sync_world_size()
+        refs, rank = [], 1
+        for a, k in zip(self.actors, self._ranks):
+            refs.append(a.init_weight_sync.remote(host, port, rank, world, list(manifest), bucket_bytes, timeout_s, backend))
+            rank += k
+        self.needs_sync.clear()
+        return world, refs
+
+    def update_weights(self) -> List[Any]:
+        """Start every actor receiving the next broadcast; returns the refs (see :meth:`wait_update`)."""
+        return [a.update_weights.remote() for a in self.actors]
+
+    def wait_update(self, refs: Sequence[Any]) -> int:
+        """Wait for :meth:`update_weights`; all actors must report the same version."""
+        import ray
+        versions = set(ray.get(list(refs)))
+        if len(versions) != 1:
+            raise RuntimeError(f"generators hold different versions after a sync: {sorted(versions)}")
+        self.version = versions.pop()
+        return self.version
+
+    def close_weight_sync(self) -> None:
+        import ray
+        ray.get([a.close_weight_sync.remote() for a in self.actors])
+
+    def versions(self) -> List[int]:
+        import ray
+        return ray.get([a.version.remote() for a in self.actors])
+
+    def load(self) -> List[Dict[str, Any]]:
+        """Per-actor counters: calls, prompts, samples, tokens, busy seconds, throughput, version."""
+        import ray
+        return ray.get([a.load.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+        for a in self.actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=30)
+            except Exception:
+                pass
+            ray.kill(a, no_restart=True)
+        for pg in self.placement_groups:
+            ray.util.remove_placement_group(pg)
+        self.actors, self.placement_groups = [], []
