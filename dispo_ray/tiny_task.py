@@ -1,0 +1,111 @@
+"""The synthetic arithmetic task of the embedded default, written as verl-style parquet.
+
+A problem is ``a <op> b`` with ``op`` from ``data.tiny_task.ops`` and operands of 1 to
+``max_digits`` digits (the digit count is drawn uniformly first, so short and long numbers are
+equally common). The prompt is the bare expression, e.g. ``"12+7="``, and the correct response is
+``"\\boxed{19}"`` -- prompts and answers stay a handful of characters, so generating and training
+on them is cheap, yet 2-digit sums and differences with carries are hard enough that a short warm
+start leaves the model imperfect and RL has something to improve.
+
+Distinct problems are drawn under ``data.tiny_task.seed``; the first ``num_val`` form the
+validation split and the next ``num_train`` the training split, so the two never share a problem.
+
+Columns (as verl-style math datasets): ``data_source`` (``"tiny_arith"``), ``prompt`` (a list of
+chat messages, one user turn), ``reward_model`` (``{ground_truth, style: "rule"}``) and
+``extra_info`` (``{split, index, a, b, op}``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, is_dataclass
+from typing import Any, Dict, List, Tuple
+
+DATA_SOURCE = "tiny_arith"
+FORMAT_VERSION = 1
+
+
+def prompt_text(a: int, op: str, b: int) -> str:
+    return f"{a}{op}{b}="
+
+
+def solve(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def solution_text(answer: int) -> str:
+    """The correct response: the answer in ``\\boxed{}`` and nothing else."""
+    return "\\boxed{" + str(answer) + "}"
+
+
+def _operand(rng: random.Random, max_digits: int) -> int:
+    d = rng.randint(1, max_digits)
+    lo = 0 if d == 1 else 10 ** (d - 1)
+    return rng.randint(lo, 10 ** d - 1)
+
+
+def num_distinct(task_cfg: Any) -> int:
+    """How many different problems the config allows (operands 0 .. 10^max_digits - 1)."""
+    return (10 ** task_cfg.max_digits) ** 2 * len(set(task_cfg.ops))
+
+
+def make_problems(task_cfg: Any) -> Dict[str, List[Dict[str, Any]]]:
+    """Draw ``num_val + num_train`` distinct problems under ``seed``; return ``{"train", "val"}``."""
+    need = task_cfg.num_val + task_cfg.num_train
+    space = num_distinct(task_cfg)
+    if need > space // 2:  # keep rejection sampling fast and the task far from exhaustive
+        raise ValueError(f"data.tiny_task: num_train + num_val = {need} exceeds half of the {space} "
+                         f"distinct problems that max_digits={task_cfg.max_digits} and ops={list(task_cfg.ops)} allow")
+    rng = random.Random(task_cfg.seed)
+    ops = sorted(set(task_cfg.ops))
+    seen, rows = set(), []
+    while len(rows) < need:
+        a, op, b = _operand(rng, task_cfg.max_digits), rng.choice(ops), _operand(rng, task_cfg.max_digits)
+        if (a, op, b) in seen:
+            continue
+        seen.add((a, op, b))
+        rows.append((a, op, b))
+    out: Dict[str, List[Dict[str, Any]]] = {"val": [], "train": []}
+    for i, (a, op, b) in enumerate(rows):
+        split = "val" if i < task_cfg.num_val else "train"
+        idx = len(out[split])
+        out[split].append({
+            "data_source": DATA_SOURCE,
+            "prompt": [{"role": "user", "content": prompt_text(a, op, b)}],
+            "reward_model": {"ground_truth": str(solve(a, op, b)), "style": "rule"},
+            "extra_info": {"split": split, "index": idx, "a": a, "b": b, "op": op},
+        })
+    return out
+
+
+def write_parquet(rows: List[Dict[str, Any]], path: str) -> str:
+    """Write verl-style rows with pyarrow (atomically: temp file, then rename)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _task_hash(task_cfg: Any) -> str:
+    d = asdict(task_cfg) if is_dataclass(task_cfg) else dict(task_cfg)
+    blob = json.dumps({"task": d, "format": FORMAT_VERSION}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def tiny_task_files(cfg: Any) -> Tuple[str, str]:
+    """``(train.parquet, val.parquet)`` of the task in ``cfg.data.tiny_task``, cached under
+    ``model.cache_dir`` keyed by a hash of the task config (written on first use)."""
+    task = cfg.data.tiny_task
+    folder = os.path.join(os.path.expanduser(cfg.model.cache_dir), f"tiny_task-{_task_hash(task)}")
+    train, val = os.path.join(folder, "train.parquet"), os.path.join(folder, "val.parquet")
+    if not (os.path.isfile(train) and os.path.isfile(val)):
+        splits = make_problems(task)
+        write_parquet(splits["val"], val)
+        write_parquet(splits["train"], train)
+    return train, val

@@ -1,0 +1,177 @@
+"""Short supervised warm start of the tiny model on the tiny task, cached on disk.
+
+RL from a random initialisation never sees a reward on this task, so the embedded default first
+teaches the format and a little arithmetic by teacher forcing on correct solutions: for a prompt
+``x`` and solution ``y = "\\boxed{answer}</s>"`` it minimises the response-only cross-entropy
+
+    L = - (1 / sum |y|) * sum_batch sum_t log p_theta(y_t | x, y_<t)
+
+(prompt and padding positions carry no loss) with torch AdamW for ``model.warmstart.steps`` steps
+of ``batch_size`` problems drawn from the *train* split. The step count is small on purpose: the
+result is clearly imperfect, and its greedy accuracy on the validation split is measured, logged
+and stored in ``warmstart.json`` next to the weights.
+
+The folder (HF model + tokenizer) is keyed by a hash of ``model.tiny``, ``data.tiny_task`` and
+``model.warmstart``, written to a temporary folder and renamed, so later runs reuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any, Dict, List, Sequence, Tuple
+
+from dispo_ray.tiny import build_tiny_model, tiny_config_hash
+from dispo_ray.tiny_task import _task_hash, make_problems, prompt_text, solution_text
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+SEED = 0
+
+
+def warmstart_hash(cfg: Any) -> str:
+    blob = json.dumps({"tiny": tiny_config_hash(cfg.model), "task": _task_hash(cfg.data.tiny_task),
+                       "warm": asdict(cfg.model.warmstart), "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def warmstart_dir(cfg: Any) -> str:
+    return os.path.join(os.path.expanduser(cfg.model.cache_dir), f"warm-{warmstart_hash(cfg)}")
+
+
+def _pairs(tokenizer: Any, rows: Sequence[Dict[str, Any]]) -> List[Tuple[List[int], List[int]]]:
+    """(prompt ids with <s>, response ids ending in </s>) for each problem; the prompt is tokenized
+    exactly as :func:`dispo_ray.data.render_prompt` does for a template-less tokenizer."""
+    out = []
+    for r in rows:
+        e = r["extra_info"]
+        p = tokenizer(prompt_text(e["a"], e["op"], e["b"]), add_special_tokens=True)["input_ids"]
+        y = tokenizer(solution_text(int(r["reward_model"]["ground_truth"])), add_special_tokens=False)["input_ids"]
+        out.append((list(p), list(y) + [tokenizer.eos_token_id]))
+    return out
+
+
+def _batch(pairs: Sequence[Tuple[List[int], List[int]]], pad_id: int):
+    """Right-padded ``input_ids`` and ``labels`` (-100 except on response tokens)."""
+    import torch
+
+    T = max(len(p) + len(y) for p, y in pairs)
+    ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), T), dtype=torch.long)
+    for b, (p, y) in enumerate(pairs):
+        seq = p + y
+        ids[b, :len(seq)] = torch.tensor(seq)
+        labels[b, len(p):len(seq)] = torch.tensor(y)
+        mask[b, :len(seq)] = 1
+    return ids, mask, labels
+
+
+def greedy_accuracy(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], max_new_tokens: int = 16,
+                    batch_size: int = 256) -> float:
+    """Fraction of problems whose greedy response is exactly the correct ``\\boxed{}`` answer."""
+    import torch
+
+    pairs = _pairs(tokenizer, rows)
+    correct = 0
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s:s + batch_size]
+            P = max(len(p) for p, _ in chunk)  # left-pad prompts so generation starts aligned
+            ids = torch.full((len(chunk), P), tokenizer.pad_token_id, dtype=torch.long)
+            att = torch.zeros((len(chunk), P), dtype=torch.long)
+            for b, (p, _) in enumerate(chunk):
+                ids[b, P - len(p):] = torch.tensor(p)
+                att[b, P - len(p):] = 1
+            out = model.generate(input_ids=ids, attention_mask=att, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            for b, (_, y) in enumerate(chunk):
+                gen = out[b, P:].tolist()
+                correct += int(gen[:len(y)] == y)
+    return correct / max(1, len(pairs))
+
+
+def train(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], steps: int, lr: float, batch_size: int,
+          seed: int = SEED) -> List[float]:
+    """Teacher-forced response-only cross-entropy with AdamW; returns the per-step losses."""
+    import torch
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    pairs = _pairs(tokenizer, rows)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        ids, mask, labels = _batch(rng.sample(pairs, min(batch_size, len(pairs))), tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)  # mean over response tokens
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def warm_started_model_dir(cfg: Any) -> str:
+    """An HF folder (weights + tokenizer) to generate and train from: ``model.path`` when set,
+    else the warm-started tiny model (built and cached on first use)."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    out = warmstart_dir(cfg)
+    if os.path.isfile(os.path.join(out, "warmstart.json")):
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = build_tiny_model(cfg.model)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    splits = make_problems(cfg.data.tiny_task)
+    w = cfg.model.warmstart
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs faster on one thread than on shared cores
+    try:
+        losses = train(model, tok, splits["train"], w.steps, w.lr, w.batch_size)
+        train_s = time.perf_counter() - t0
+        acc = greedy_accuracy(model, tok, splits["val"])
+    finally:
+        torch.set_num_threads(threads)
+    info = {"steps": w.steps, "lr": w.lr, "batch_size": w.batch_size, "train_seconds": round(train_s, 2),
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "val_greedy_accuracy": acc, "num_val": len(splits["val"])}
+    log.warning("warm start: %d steps in %.1fs, loss %.3f -> %.3f, greedy val accuracy %.1f%%",
+                w.steps, train_s, info["first_loss"] or 0, info["final_loss"] or 0, 100 * acc)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".warm-build-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):  # the very files the base model has
+            shutil.copy(os.path.join(base, f), os.path.join(tmp, f))
+        with open(os.path.join(tmp, "warmstart.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first: keep theirs
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def warmstart_info(cfg: Any) -> Dict[str, Any]:
+    """The metrics stored with the cached warm start (builds it if needed)."""
+    with open(os.path.join(warm_started_model_dir(cfg), "warmstart.json")) as f:
+        return json.load(f)
