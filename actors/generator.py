@@ -8,9 +8,10 @@ one at a time, so every sample of a ``generate`` call carries the single version
 
 :class:`GeneratorPool` starts ``generator.num_actors`` actors, splits each request across them
 in contiguous chunks (results come back in prompt order), reports per-actor load, and handles a
-dead actor: Ray restarts it (``max_restarts``), the pool waits for it, re-issues the failed chunk
-(on a healthy actor when there is one) and flags the restarted actor as needing a weight sync,
-since it came back with the initial weights (version 0).
+dead actor: Ray restarts it (``max_restarts``), the pool waits for it, flags it as needing a
+weight sync (it came back with the initial weights, version 0), calls the driver's
+``before_reissue`` hook when set (re-form the group, re-broadcast the current version), and
+re-issues the failed chunk (on a healthy, in-sync actor when there is one).
 
 On GPU clusters each actor gets its own placement group of ``tensor_parallel_size`` bundles of one
 GPU, ``STRICT_PACK`` so a tensor-parallel group never spans nodes; vLLM's Ray executor places its
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from actors.backends.base import SamplingSpec
 from dispo_ray.data import PromptRecord
@@ -170,6 +171,10 @@ class GeneratorPool:
         self.version = 0  # the version every actor should hold
         self.needs_sync: set = set()  # actors restarted since the last sync (initial weights)
         self.reissued = 0
+        self._ranks: Optional[List[int]] = None
+        # Optional hook the driver sets: re-form the weight-sync group and re-broadcast the current
+        # version. Called after a dead actor is back and before its prompts are re-issued.
+        self.before_reissue: Optional[Callable[[], None]] = None
 
     def _gpu_options(self, g: Any) -> Dict[str, Any]:
         """One STRICT_PACK placement group per actor: ``tensor_parallel_size`` bundles of one GPU
@@ -209,6 +214,8 @@ class GeneratorPool:
                 failed.append(i)
         for i in failed:
             self._await_restart(i)
+            if self.needs_sync and self.before_reissue is not None:
+                self.before_reissue()  # expected to end in init_weight_sync + update (clears needs_sync)
             healthy = [j for j in range(len(self.actors)) if j not in failed and j not in self.needs_sync]
             target = healthy[0] if healthy else i
             results[i] = ray.get(self.actors[target].generate.remote(chunks[i], n, sampling))
@@ -249,18 +256,18 @@ class GeneratorPool:
         return 1 + sum(self._ranks)
 
     def init_weight_sync(self, host: str, port: int, manifest: Sequence[Any], bucket_bytes: int,
-                         timeout_s: float, backend: str = "gloo") -> Tuple[int, List[Any]]:
-        """Start every actor joining the group (ranks 1..N in actor order); returns the world size
-        and the Ray refs. The caller then joins as rank 0 (``WeightSyncGroup(..., rank=0,
-        world_size)``) and ``ray.get`` s the refs. Do not call other actor methods in between: each
-        actor is blocked in the join until rank 0 arrives."""
-        world = self.sync_world_size()
-        refs, rank = [], 1
+                         timeout_s: float, backend: str = "gloo") -> List[Any]:
+        """Start every actor joining the group (ranks 1..N in actor order) and return the Ray refs.
+        Call :meth:`sync_world_size` *before* (each actor blocks in the join until rank 0 arrives,
+        so no other actor call is answered meanwhile); then join rank 0 and ``ray.get`` the refs."""
+        if getattr(self, "_ranks", None) is None:
+            self.sync_world_size()
+        world, refs, rank = 1 + sum(self._ranks), [], 1
         for a, k in zip(self.actors, self._ranks):
             refs.append(a.init_weight_sync.remote(host, port, rank, world, list(manifest), bucket_bytes, timeout_s, backend))
             rank += k
         self.needs_sync.clear()
-        return world, refs
+        return refs
 
     def update_weights(self) -> List[Any]:
         """Start every actor receiving the next broadcast; returns the refs (see :meth:`wait_update`)."""

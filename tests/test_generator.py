@@ -76,7 +76,8 @@ def broadcast(pool, state, version, bucket_bytes=64 * 1024):
     """Act as the learner (rank 0): form the group with the pool, send ``state`` as ``version``."""
     manifest = make_manifest(state.items())
     port = find_free_port()
-    world, refs = pool.init_weight_sync("127.0.0.1", port, manifest, bucket_bytes, timeout_s=120)
+    world = pool.sync_world_size()
+    refs = pool.init_weight_sync("127.0.0.1", port, manifest, bucket_bytes, timeout_s=120)
     group = WeightSyncGroup("gloo", "127.0.0.1", port, 0, world, timeout_s=120)
     import ray
     ray.get(refs)
@@ -181,6 +182,18 @@ def test_hf_broadcast_then_dead_actor_is_restarted_and_reissued(setup, hf_pool):
     assert hf_pool.reissued == 2 and hf_pool.needs_sync == {0}
     assert hf_pool.incarnations[0] != before[0] and hf_pool.incarnations[1] == before[1]
     assert hf_pool.versions() == [0, 5]
+
+    # with the driver's hook, the group is re-formed and the current weights re-sent first
+    hf_pool.before_reissue = lambda: broadcast(hf_pool, zero_norm(models["a"]), version=6)
+    try:
+        ray.kill(hf_pool.actors[0], no_restart=False)
+        samples = hf_pool.generate(records, 2)
+    finally:
+        hf_pool.before_reissue = None
+    # actor 1's chunk was drawn at version 5 before the failure surfaced; the re-issued chunk at 6
+    assert [s.version for s in samples] == [6] * 4 + [5] * 4
+    assert [s.prompt_uid for s in samples] == [r.uid for r in records for _ in range(2)]
+    assert hf_pool.reissued == 4 and hf_pool.needs_sync == set() and hf_pool.versions() == [6, 6]
 
 
 def test_hf_trim_and_sampling_overrides(setup):

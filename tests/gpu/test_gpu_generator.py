@@ -68,7 +68,8 @@ def _run(cfg, path, model, recs, sync_backend):
             state = {k: v.cuda() for k, v in state.items()}
         manifest = make_manifest(state.items())
         port = find_free_port()
-        world, refs = pool.init_weight_sync("127.0.0.1", port, manifest, 1 << 20, 120, sync_backend)
+        world = pool.sync_world_size()
+        refs = pool.init_weight_sync("127.0.0.1", port, manifest, 1 << 20, 120, sync_backend)
         group = WeightSyncGroup(sync_backend, "127.0.0.1", port, 0, world, 120)
         ray.get(refs)
         upd = pool.update_weights()
