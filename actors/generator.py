@@ -19,6 +19,7 @@ TP workers in that group.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -32,9 +33,10 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
 
 
-def make_backend(cfg: Any, model_path: str):
-    """The backend named by ``generator.backend`` over the HF folder ``model_path``."""
-    g = cfg.generator
+def make_backend(cfg: Any, model_path: str, index: int = 0):
+    """The backend named by ``generator.backend`` over the HF folder ``model_path``; actor
+    ``index`` samples with seed ``generator.seed + index`` (actors must not draw identical streams)."""
+    g = dataclasses.replace(cfg.generator, seed=int(cfg.generator.seed) + index)
     max_model_len = int(cfg.data.max_prompt_length) + int(g.max_new_tokens)
     if g.backend == "vllm":
         from actors.backends.vllm_backend import VLLMBackend
@@ -57,7 +59,7 @@ class GeneratorActor:
     def __init__(self, cfg: Any, model_path: str, index: int = 0):
         t0 = time.perf_counter()
         self.cfg, self.index = cfg, index
-        self.backend = make_backend(cfg, model_path)
+        self.backend = make_backend(cfg, model_path, index)
         self.tokenizer = self.backend.tokenizer
         self._version = 0
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
