@@ -315,6 +315,11 @@ class LearnerWorker:
                                           timeout_s=self.cfg.learner.sync_timeout_s)
         return True
 
+    def close_weight_sync(self) -> None:
+        if self.sync_group is not None:
+            self.sync_group.close()
+            self.sync_group = None
+
     def broadcast_weights(self, version: int) -> Optional[Dict[str, float]]:
         """Every rank calls this; buckets are gathered one at a time (ZeRO-3) and rank 0 sends them.
         A send failure on rank 0 is raised only after the loop, so the other ranks never hang in a
@@ -341,8 +346,7 @@ class LearnerWorker:
         return sender.end() if sender is not None else None
 
     def shutdown(self) -> None:
-        if self.sync_group is not None:
-            self.sync_group.close()
+        self.close_weight_sync()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -147,6 +147,10 @@ class LearnerGroup:
         ref = self.actors[0].init_weight_sync.remote(host, port, world_size)
         return ray.get(ref) if wait else ref
 
+    def close_weight_sync(self) -> None:
+        import ray
+        ray.get(self.actors[0].close_weight_sync.remote())
+
     def broadcast_weights(self, version: int, wait: bool = True):
         """All ranks gather/send bucket by bucket; returns rank 0's stats (or the refs if not wait)."""
         import ray

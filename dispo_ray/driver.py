@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -100,17 +101,55 @@ class Trainer:
         self.rewards = RewardPool(cfg.reward, max_new_tokens=cfg.generator.max_new_tokens)
         self.generators = GeneratorPool(cfg, self.model_dir)
         self.learners = LearnerGroup(cfg, self.model_dir)
-        self.generators.connect_weight_sync(self.learners)
+        self._sync_lock = threading.RLock()
+        self.connect_weight_sync()
+        # A generator that Ray restarted comes back with the initial weights: before its prompts
+        # are re-issued, the group is re-formed and the published version broadcast again.
+        self.generators.before_reissue = self.reconnect_weight_sync
         self.step, self.version = 0, 0
         self.gate = StalenessGate(tr.max_staleness, version=0)
 
-    # ------------------------------------------------------------------ pieces of one step
+    # ------------------------------------------------------------------ weight sync
+    def connect_weight_sync(self) -> None:
+        """Form the sync group: learner rank 0 (store host) + every generator worker."""
+        import ray
+
+        cfg = self.cfg
+        with self._sync_lock:
+            # Everything that asks an actor a question comes first: an actor inside the join
+            # answers nothing else until every rank has arrived.
+            host, port = self.learners.weight_sync_endpoint()
+            manifest = self.learners.weight_manifest()
+            backend = "nccl" if cfg.generator.num_gpus_per_actor > 0 else "gloo"
+            world = self.generators.sync_world_size()
+            learner_ref = self.learners.init_weight_sync(host, port, world, wait=False)
+            gen_refs = self.generators.init_weight_sync(host, port, manifest, cfg.learner.sync_bucket_mb << 20,
+                                                        cfg.learner.sync_timeout_s, backend)
+            ray.get([learner_ref, *gen_refs], timeout=cfg.learner.sync_timeout_s + 60)
+
+    def reconnect_weight_sync(self) -> None:
+        with self._sync_lock:
+            self.learners.close_weight_sync()
+            self.generators.close_weight_sync()
+            self.connect_weight_sync()
+            self.sync_weights(self.version)
+
     def sync_weights(self, version: int) -> float:
+        """Learner rank 0 broadcasts bucket by bucket while every generator receives."""
         t0 = time.perf_counter()
-        self.generators.sync_from(self.learners, version)
-        self.version = version
+        with self._sync_lock:
+            learner_refs = self.learners.broadcast_weights(version, wait=False)
+            gen_refs = self.generators.update_weights()
+            import ray
+            ray.get(learner_refs)
+            got = self.generators.wait_update(gen_refs)
+            if got != version:
+                raise RuntimeError(f"weight sync: generators report version {got}, expected {version}")
+            self.version = version
         self.gate.publish(version)
         return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ pieces of one step
 
     def train_on(self, batch: Any) -> Dict[str, float]:
         samples = batch.samples

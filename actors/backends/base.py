@@ -27,6 +27,7 @@ class SamplingSpec:
     top_p: float
     max_new_tokens: int
     stop: List[str] = field(default_factory=list)
+    seed: Optional[int] = None  # per-request seed: the same request draws the same samples
 
     @classmethod
     def from_config(cls, gen_cfg: Any, overrides: Optional[Dict[str, Any]] = None) -> "SamplingSpec":
@@ -36,8 +37,10 @@ class SamplingSpec:
             if k not in base:
                 raise ValueError(f"sampling override {k!r}: must be one of {', '.join(base)}")
             base[k] = v
+        if "seed" not in (overrides or {}):
+            base["seed"] = None  # generator.seed seeds the engine; a request seed is per call
         spec = cls(float(base["temperature"]), float(base["top_p"]), int(base["max_new_tokens"]),
-                   list(base["stop"] or []))
+                   list(base["stop"] or []), None if base["seed"] is None else int(base["seed"]))
         if spec.temperature < 0 or not 0 < spec.top_p <= 1 or spec.max_new_tokens < 1:
             raise ValueError(f"sampling {spec}: need temperature >= 0, top_p in (0, 1], max_new_tokens >= 1")
         return spec

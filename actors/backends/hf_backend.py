@@ -35,6 +35,8 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec) -> List[List[Completion]]:
+        if spec.seed is not None:  # per-request seed: the same request draws the same samples
+            torch.manual_seed(spec.seed)
         per_call = max(1, MAX_ROWS // n)
         out: List[List[Completion]] = []
         for s in range(0, len(prompts), per_call):

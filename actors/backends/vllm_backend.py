@@ -41,7 +41,7 @@ class VLLMBackend:
         params = SamplingParams(
             n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
             stop=list(spec.stop) or None, include_stop_str_in_output=True, logprobs=0,
-            skip_special_tokens=True)
+            skip_special_tokens=True, seed=spec.seed)
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         result = []
         for out in outs:
