@@ -230,8 +230,9 @@ class Trainer:
                             config=to_dict(cfg), start_step=self.step)
         if resumed:
             log.message(f"resumed from step {self.step} (version {self.version})")
-        producer = RolloutProducer(cfg, self.train_set, self.generators, self.rewards, self.gate,
-                                   start_step=self.step, total_steps=tr.total_steps).start()
+        self.producer = producer = RolloutProducer(cfg, self.train_set, self.generators, self.rewards,
+                                                   self.gate, start_step=self.step,
+                                                   total_steps=tr.total_steps).start()
         first_eval: Optional[float] = None
         last_eval: Dict[str, float] = {}
         stopped_by_guard = False
@@ -245,8 +246,11 @@ class Trainer:
                 t_wait = time.perf_counter()
                 batch = producer.get(self.step)
                 metrics = {"timing/wait_rollout": time.perf_counter() - t_wait, **rollout_metrics(batch)}
-                metrics.update(self.train_on(batch))
-                metrics["timing/sync"] = self.sync_weights(self.step + 1)
+                # Training and the broadcast that publishes its result are one unit: a re-sync
+                # for a restarted generator must never send half-updated weights.
+                with self._sync_lock:
+                    metrics.update(self.train_on(batch))
+                    metrics["timing/sync"] = self.sync_weights(self.step + 1)
                 self.step += 1
                 metrics["version"] = float(self.version)
                 if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.total_steps:

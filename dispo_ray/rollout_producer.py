@@ -64,6 +64,7 @@ class RolloutProducer:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._cursors: Dict[int, Dict[str, int]] = {}  # step -> data cursor before its first draw
+        self.generating = threading.Event()  # set while a generate call is in flight (fault tests)
         self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
 
     def start(self) -> "RolloutProducer":
@@ -107,7 +108,8 @@ class RolloutProducer:
             self._cursors.pop(step - 8, None)
         kept: List[List[Sample]] = []
         generated: List[Sample] = []
-        counts = {"rollout/rounds": 0.0, "rollout/groups_dropped": 0.0, "rollout/groups_surplus": 0.0}
+        counts = {"rollout/rounds": 0.0, "rollout/prompts": 0.0, "rollout/groups_dropped": 0.0,
+                  "rollout/groups_surplus": 0.0}
         seconds = {"timing/generate": 0.0, "timing/reward": 0.0}
         for round_ in range(1 + cfg.trainer.max_resample_rounds):
             need = want - len(kept)
@@ -118,8 +120,13 @@ class RolloutProducer:
                 need = min(math.ceil(need / rate), 4 * want)
             prompts = self.dataset.next_batch(need)
             t0 = time.perf_counter()
-            samples = self.generators.generate(prompts, G, sampling_params(cfg, request_seed(cfg.trainer.seed, step, round_)))
+            self.generating.set()
+            try:
+                samples = self.generators.generate(prompts, G, sampling_params(cfg, request_seed(cfg.trainer.seed, step, round_)))
+            finally:
+                self.generating.clear()
             t1 = time.perf_counter()
+            counts["rollout/prompts"] += len(prompts)
             self.rewards.score_samples(samples)
             seconds["timing/generate"] += t1 - t0
             seconds["timing/reward"] += time.perf_counter() - t1
