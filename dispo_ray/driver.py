@@ -105,7 +105,7 @@ class Trainer:
         self.connect_weight_sync()
         # A generator that Ray restarted comes back with the initial weights: before its prompts
         # are re-issued, the group is re-formed and the published version broadcast again.
-        self.generators.before_reissue = self.reconnect_weight_sync
+        self.generators.before_reissue = self._resync_restarted
         self.step, self.version = 0, 0
         self.gate = StalenessGate(tr.max_staleness, version=0)
 
@@ -127,24 +127,56 @@ class Trainer:
                                                         cfg.learner.sync_timeout_s, backend)
             ray.get([learner_ref, *gen_refs], timeout=cfg.learner.sync_timeout_s + 60)
 
+    def _broadcast(self, version: int) -> None:
+        import ray
+
+        learner_refs = self.learners.broadcast_weights(version, wait=False)
+        gen_refs = self.generators.update_weights()
+        try:
+            ray.get(learner_refs)
+            got = self.generators.wait_update(gen_refs)
+        except Exception:
+            # Close rank 0's side first so receivers blocked on it fail now, not at their timeout.
+            self.learners.close_weight_sync()
+            for ref in gen_refs:
+                try:
+                    ray.get(ref, timeout=self.cfg.learner.sync_timeout_s)
+                except Exception:  # noqa: BLE001 - the failure is re-raised by the caller's path
+                    pass
+            raise
+        if got != version:
+            raise RuntimeError(f"weight sync: generators report version {got}, expected {version}")
+
     def reconnect_weight_sync(self) -> None:
+        """Re-form the group (a generator was restarted) and broadcast the published version."""
         with self._sync_lock:
             self.learners.close_weight_sync()
             self.generators.close_weight_sync()
             self.connect_weight_sync()
-            self.sync_weights(self.version)
+            self._broadcast(self.version)
+
+    def _resync_restarted(self) -> None:
+        """GeneratorPool hook, run before a dead actor's prompts are re-issued."""
+        with self._sync_lock:
+            if self.generators.needs_sync:  # the main thread may have re-synced it already
+                self.reconnect_weight_sync()
 
     def sync_weights(self, version: int) -> float:
-        """Learner rank 0 broadcasts bucket by bucket while every generator receives."""
+        """Learner rank 0 broadcasts bucket by bucket while every generator receives. A generator
+        that died mid-sync is waited for (Ray restarts it); then the group is re-formed and the
+        broadcast repeated. Any other failure is raised."""
         t0 = time.perf_counter()
         with self._sync_lock:
-            learner_refs = self.learners.broadcast_weights(version, wait=False)
-            gen_refs = self.generators.update_weights()
-            import ray
-            ray.get(learner_refs)
-            got = self.generators.wait_update(gen_refs)
-            if got != version:
-                raise RuntimeError(f"weight sync: generators report version {got}, expected {version}")
+            try:
+                self._broadcast(version)
+            except Exception as e:
+                restarted = self.generators.check_health()
+                if not restarted:
+                    raise
+                print(f"warning: weight sync of version {version} failed ({type(e).__name__}); generators "
+                      f"{restarted} were restarted: re-forming the group", flush=True)
+                self.version = version
+                self.reconnect_weight_sync()
             self.version = version
         self.gate.publish(version)
         return time.perf_counter() - t0

@@ -1,0 +1,161 @@
+"""The regime study: DISPO against CISPO, DAPO and GRPO, and DISPO with each of its four windows
+made too tight, on the tiny task, same steps, several seeds.
+
+    python -m dispo_ray.study [--steps 60] [--seeds 1 2 3] [--out docs/regime_study] [--only NAME ...]
+                              [-- hydra overrides applied to every run]
+
+"Too tight" closes one side of one window completely (the weight may not move past 1 on that
+side), which is the limit of the paper's "clipped too tightly":
+
+    tight_high_pos  eps_high_pos = 0   correct tokens with r > 1 get w = 1     (paper: entropy falls)
+    tight_low_pos   eps_low_pos  = 0   correct tokens with r < 1 get w = 1     (paper: entropy rises)
+    tight_high_neg  eps_high_neg = 0   incorrect tokens with r > 1 get w = 1   (paper: repetition collapse)
+    tight_low_neg   eps_low_neg  = 0   incorrect tokens with r < 1 get w = 1   (paper: length collapse)
+
+The windows only act where ``r != 1``, so every run takes ``learner.mini_batches = 4`` optimizer
+steps per rollout batch (the later mini-batches are off-policy). Runs share one local Ray; each
+writes its own run dir. Output: ``<out>/runs/<variant>_s<seed>/metrics.jsonl``, PNG plots of
+accuracy, entropy, response length and repetition, and ``<out>/README.md`` with the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+VARIANTS: Dict[str, List[str]] = {
+    "dispo": ["algorithm=dispo"],
+    "cispo": ["algorithm=cispo"],
+    "dapo": ["algorithm=dapo"],
+    "grpo": ["algorithm=grpo"],
+    "dispo_tight_high_pos": ["algorithm=dispo", "algorithm.eps_high_pos=0"],
+    "dispo_tight_low_pos": ["algorithm=dispo", "algorithm.eps_low_pos=0"],
+    "dispo_tight_high_neg": ["algorithm=dispo", "algorithm.eps_high_neg=0"],
+    "dispo_tight_low_neg": ["algorithm=dispo", "algorithm.eps_low_neg=0"],
+}
+COMMON = ["generator=hf", "learner.mini_batches=4", "trainer.progress_bar=false", "trainer.tensorboard=false",
+          "trainer.eval_max_prompts=100", "trainer.collapse_guard.stop_on_trigger=false"]
+CURVES = (("eval/accuracy", "held-out accuracy (avg@k)"), ("actor/entropy", "mean token entropy"),
+          ("rollout/response_length", "response length (tokens)"), ("rollout/repetition", "repetitive responses"))
+
+
+def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str]) -> str:
+    from dispo_ray.config import compose
+    from dispo_ray.driver import Trainer
+
+    run_dir = os.path.join(out, "runs", f"{name}_s{seed}")
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        return run_dir  # finished earlier: the study resumes where it stopped
+    if os.path.exists(run_dir):
+        import shutil
+        shutil.rmtree(run_dir)
+    cfg = compose(COMMON + VARIANTS[name] + [f"trainer.seed={seed}", f"trainer.total_steps={steps}",
+                                             f"trainer.eval_every={max(steps // 6, 1)}", f"trainer.run_dir={run_dir}",
+                                             *extra])
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown()
+    return run_dir
+
+
+def _series(rows: List[dict], key: str) -> List[tuple]:
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def _mean_sd(xs: List[float]) -> str:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return "n/a"
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def summarize(out: str, names: Sequence[str], seeds: Sequence[int], target_gain: float = 0.10) -> str:
+    """Plots and the Markdown table from the finished runs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from dispo_ray.metrics_log import read_metrics
+
+    runs = {(n, s): read_metrics(os.path.join(out, "runs", f"{n}_s{s}")) for n in names for s in seeds
+            if os.path.exists(os.path.join(out, "runs", f"{n}_s{s}", "metrics.jsonl"))}
+    for key, title in CURVES:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, n in enumerate(names):
+            for j, s in enumerate(seeds):
+                pts = _series(runs.get((n, s), []), key)
+                if pts:
+                    ax.plot(*zip(*pts), color=f"C{i}", alpha=0.8, linestyle="-" if n in ("dispo", "cispo", "dapo", "grpo") else "--",
+                            label=n if j == 0 else None)
+        ax.set_xlabel("step"), ax.set_ylabel(title), ax.set_title(title), ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, key.replace("/", "_") + ".png"), dpi=110)
+        plt.close(fig)
+    lines = ["| variant | initial acc | final acc | steps to +%d pts | final entropy | final length | final repetition | collapse events |" % round(100 * target_gain),
+             "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        init, final, reach, ent, length, rep, events = [], [], [], [], [], [], []
+        for s in seeds:
+            rows = runs.get((n, s))
+            if not rows:
+                continue
+            acc = _series(rows, "eval/accuracy")
+            init.append(acc[0][1])
+            final.append(acc[-1][1])
+            hit = [st for st, a in acc if a >= acc[0][1] + target_gain]
+            reach.append(hit[0] + 1 if hit else None)
+            train = [r for r in rows if r["step"] >= 0]
+            tail = train[-5:]
+            ent.append(sum(r.get("actor/entropy", float("nan")) for r in tail) / len(tail))
+            length.append(sum(r["rollout/response_length"] for r in tail) / len(tail))
+            rep.append(sum(r["rollout/repetition"] for r in tail) / len(tail))
+            events.append(train[-1].get("collapse/events", 0))
+        never = sum(r is None for r in reach)
+        reach_txt = _mean_sd([r for r in reach if r is not None]) + (f" ({never} never)" if never else "")
+        lines.append(f"| {n} | {_mean_sd(init)} | {_mean_sd(final)} | {reach_txt} | {_mean_sd(ent)} | "
+                     f"{_mean_sd(length)} | {_mean_sd(rep)} | {int(sum(events))} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--out", default="docs/regime_study")
+    p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--summarize-only", action="store_true")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    if not args.summarize_only:
+        from dispo_ray.config import compose
+        from dispo_ray.driver import init_ray
+        init_ray(compose(COMMON + extra))
+        for s in args.seeds:
+            for n in args.only:
+                t = time.time()
+                run_one(n, s, args.steps, args.out, extra)
+                print(f"[study] {n} seed {s}: {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
+    table = summarize(args.out, args.only, args.seeds)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "command.json"), "w") as f:
+        json.dump({"argv": ["python", "-m", "dispo_ray.study", *(sys.argv[1:] if argv is None else argv)],
+                   "common_overrides": COMMON, "extra_overrides": extra, "variants": VARIANTS}, f, indent=1)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
