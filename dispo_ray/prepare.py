@@ -22,39 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from dispo_ray.data import DataError, read_rows
+from dispo_ray.scoring import extract_boxed as last_boxed  # one brace-matching extractor for data and rewards
+from dispo_ray.scoring import extract_gsm8k as gsm8k_answer
 from dispo_ray.tiny_task import write_parquet
 
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-
-
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with nested braces matched."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
-        return None
-    i = starts[-1]
-    depth, j = 1, i
-    while j < len(text):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
-        j += 1
-    return None  # unbalanced
-
-
-def gsm8k_answer(text: str) -> Optional[str]:
-    if "####" not in text:
-        return None
-    ans = text.split("####")[-1].strip().replace(",", "")
-    return ans or None
 
 
 def _field(row: Dict[str, Any], *names: str) -> Any:
