@@ -35,7 +35,7 @@ def _run(k: int, steps: int, run_dir: str) -> List[Dict[str, float]]:
         trainer.fit()
     finally:
         trainer.shutdown()
-    rows = [r for r in read_metrics(run_dir) if r["step"] >= 0]
+    rows = [r for r in read_metrics(run_dir) if "rollout/samples" in r]  # training steps
     return rows[2:-1]  # drop warm-up steps and the last one (it carries the final evaluation)
 
 

@@ -243,7 +243,7 @@ class Trainer:
         path_metrics = os.path.join(self.run_dir, "metrics.jsonl")
         if os.path.exists(path_metrics):
             with open(path_metrics) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] < self.step]
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step]
             with open(path_metrics, "w") as f:
                 f.writelines(keep)
         self.sync_weights(self.version)  # generators start from the checkpoint's weights
@@ -272,7 +272,7 @@ class Trainer:
             if not resumed:
                 last_eval = self.evaluate()
                 first_eval = last_eval.get("eval/accuracy")
-                log.log(-1, last_eval, advance=False)  # step -1: before any update
+                log.log(0, last_eval, advance=False)  # step 0: before any update
             while self.step < tr.total_steps:
                 t_step = time.perf_counter()
                 t_wait = time.perf_counter()
@@ -295,7 +295,7 @@ class Trainer:
                                 f"steps at step {self.step} (see trainer.collapse_guard)")
                     stopped_by_guard = tr.collapse_guard.stop_on_trigger
                 metrics["collapse/events"] = float(len(self.guard.events))
-                log.log(self.step - 1, metrics)
+                log.log(self.step, metrics)  # step N: after N updates
                 if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.total_steps or stopped_by_guard:
                     self.save(producer)
                 if stopped_by_guard:

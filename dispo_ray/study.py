@@ -65,7 +65,13 @@ def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str]) ->
 
 
 def _series(rows: List[dict], key: str) -> List[tuple]:
-    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    """(updates done, value): the initial evaluation is at 0, the i-th training step at i."""
+    out, updates = [], 0
+    for r in rows:
+        updates += "rollout/samples" in r
+        if isinstance(r.get(key), (int, float)):
+            out.append((updates, r[key]))
+    return out
 
 
 def _mean_sd(xs: List[float]) -> str:
@@ -110,8 +116,8 @@ def summarize(out: str, names: Sequence[str], seeds: Sequence[int], target_gain:
             init.append(acc[0][1])
             final.append(acc[-1][1])
             hit = [st for st, a in acc if a >= acc[0][1] + target_gain]
-            reach.append(hit[0] + 1 if hit else None)
-            train = [r for r in rows if r["step"] >= 0]
+            reach.append(hit[0] if hit else None)
+            train = [r for r in rows if "rollout/samples" in r]
             tail = train[-5:]
             ent.append(sum(r.get("actor/entropy", float("nan")) for r in tail) / len(tail))
             length.append(sum(r["rollout/response_length"] for r in tail) / len(tail))

@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -83,18 +83,24 @@ def plan_buckets(manifest: Sequence[ParamSpec], bucket_bytes: int) -> List[List[
     return buckets
 
 
+def _packed_size(sizes: Sequence[int]) -> int:
+    """Each tensor starts aligned; no padding after the last (a one-tensor bucket is its bytes)."""
+    return sum(_aligned(n) for n in sizes[:-1]) + (sizes[-1] if sizes else 0)
+
+
 def bucket_nbytes(bucket: Sequence[ParamSpec]) -> int:
-    return sum(_aligned(p.nbytes) for p in bucket)
+    return _packed_size([p.nbytes for p in bucket])
 
 
 def pack(tensors: Sequence[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
     """Concatenate tensors' bytes (each start aligned) into one flat uint8 buffer."""
     device = device or (tensors[0].device if tensors else torch.device("cpu"))
-    flat = torch.empty(sum(_aligned(t.numel() * t.element_size()) for t in tensors), dtype=torch.uint8, device=device)
+    flat = torch.empty(_packed_size([t.numel() * t.element_size() for t in tensors]), dtype=torch.uint8, device=device)
     off = 0
     for t in tensors:
         n = t.numel() * t.element_size()
-        flat[off:off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        # Copy in the tensor's own dtype (offsets are aligned): about twice a byte-wise copy's speed.
+        flat[off:off + n].view(t.dtype).copy_(t.detach().reshape(-1))
         off += _aligned(n)
     return flat
 
@@ -164,14 +170,20 @@ class WeightSyncGroup:
                 raise TimeoutError(f"{what} timed out after {self.timeout_s}s")
             time.sleep(0.0005)
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0, what: str = "broadcast") -> None:
+    def broadcast_async(self, tensor: torch.Tensor, src: int = 0) -> Any:
+        """Start a broadcast; finish it with :meth:`wait`. Lets packing overlap the transfer."""
         if self.backend == "gloo":
             opts = torch.distributed.BroadcastOptions()
             opts.rootRank, opts.rootTensor = src, 0
-            self._wait(what, self._pg.broadcast([tensor], opts))
-        else:
-            self._comm.broadcast(tensor, src=src)
-            self._wait(what)
+            return self._pg.broadcast([tensor], opts)
+        self._comm.broadcast(tensor, src=src)  # enqueued on the current CUDA stream
+        return None
+
+    def wait(self, handle: Any, what: str = "broadcast") -> None:
+        self._wait(what, handle)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, what: str = "broadcast") -> None:
+        self.wait(self.broadcast_async(tensor, src), what)
 
     def all_reduce_min(self, tensor: torch.Tensor, what: str = "all_reduce") -> None:
         if self.backend == "gloo":
@@ -218,9 +230,11 @@ class SyncSender:
         self.buckets = plan_buckets(self.manifest, bucket_bytes)
         self.digest = manifest_digest(self.manifest)
         self.version, self._next, self.bytes_sent, self._t0 = -1, 0, 0, 0.0
+        self._in_flight: Optional[Tuple[Any, torch.Tensor, int]] = None  # (handle, buffer, bucket)
 
     def begin(self, version: int) -> None:
         self.version, self._next, self.bytes_sent, self._t0 = version, 0, 0, time.perf_counter()
+        self._in_flight = None
         total = sum(bucket_nbytes(b) for b in self.buckets)
         header = torch.tensor([version, len(self.buckets), self.digest, total], dtype=torch.int64,
                               device=self.group.device)
@@ -233,13 +247,40 @@ class SyncSender:
         if len(tensors) != len(bucket) or any(tuple(t.shape) != p.shape for t, p in zip(tensors, bucket)):
             raise WeightSyncError(f"weight sync: bucket {k} tensors do not match the manifest "
                                   f"({[p.name for p in bucket][:3]}...)")
+        if len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].device == self.group.device:
+            # A tensor alone in its bucket goes out as it is, no copy; synchronously, since the
+            # caller may release it (ZeRO-3 re-partitions gathered parameters) once we return.
+            self._finish_in_flight()
+            flat = tensors[0].detach().reshape(-1).view(torch.uint8)
+            handle = self._start(flat, k)
+            self._in_flight = (handle, flat, k)
+            self._finish_in_flight()
+            self.bytes_sent += flat.numel()
+            self._next += 1
+            return
         flat = pack([t.to(self.group.device) for t in tensors], self.group.device)
-        _guard(self.group, f"bucket {k}/{len(self.buckets)}", self.version,
-               lambda: self.group.broadcast(flat, 0, f"bucket {k}"))
+        # One bucket in flight while the caller gathers and this packs the next (double buffering).
+        handle = self._start(flat, k)
+        self._finish_in_flight()
+        self._in_flight = (handle, flat, k)
         self.bytes_sent += flat.numel()
         self._next += 1
 
+    def _start(self, flat: torch.Tensor, k: int) -> Any:
+        out: List[Any] = []
+        _guard(self.group, f"bucket {k}/{len(self.buckets)}", self.version,
+               lambda: out.append(self.group.broadcast_async(flat, 0)))
+        return out[0]
+
+    def _finish_in_flight(self) -> None:
+        if self._in_flight is not None:
+            handle, _, k = self._in_flight
+            self._in_flight = None
+            _guard(self.group, f"bucket {k}/{len(self.buckets)}", self.version,
+                   lambda: self.group.wait(handle, f"bucket {k}"))
+
     def end(self) -> Dict[str, float]:
+        self._finish_in_flight()
         if self._next != len(self.buckets):
             raise WeightSyncError(f"weight sync of version {self.version}: sent {self._next} of "
                                   f"{len(self.buckets)} buckets")
@@ -272,10 +313,19 @@ def receive_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec],
     version, n_buckets, digest, _ = (int(x) for x in header.tolist())
     _agree(group, n_buckets == len(buckets) and digest == manifest_digest(manifest), version)
 
+    def _post(k: int) -> Tuple[Any, torch.Tensor]:
+        flat = torch.empty(bucket_nbytes(buckets[k]), dtype=torch.uint8, device=group.device)
+        out: List[Any] = []
+        _guard(group, f"bucket {k}/{n_buckets}", version, lambda: out.append(group.broadcast_async(flat, 0)))
+        return out[0], flat
+
     def _iter() -> Iterator[Tuple[str, torch.Tensor]]:
+        pending = _post(0) if buckets else None
         for k, bucket in enumerate(buckets):
-            flat = torch.empty(bucket_nbytes(bucket), dtype=torch.uint8, device=group.device)
-            _guard(group, f"bucket {k}/{n_buckets}", version, lambda: group.broadcast(flat, 0, f"bucket {k}"))
+            handle, flat = pending
+            _guard(group, f"bucket {k}/{n_buckets}", version, lambda: group.wait(handle, f"bucket {k}"))
+            # Receive bucket k+1 while the consumer loads bucket k into the engine.
+            pending = _post(k + 1) if k + 1 < len(buckets) else None
             yield from unpack(flat, bucket)
 
     return version, _iter()
