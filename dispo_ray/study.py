@@ -61,6 +61,8 @@ def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str]) ->
         trainer.fit()
     finally:
         trainer.shutdown()
+    import shutil
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # metrics are the result
     return run_dir
 
 
@@ -92,15 +94,24 @@ def summarize(out: str, names: Sequence[str], seeds: Sequence[int], target_gain:
 
     runs = {(n, s): read_metrics(os.path.join(out, "runs", f"{n}_s{s}")) for n in names for s in seeds
             if os.path.exists(os.path.join(out, "runs", f"{n}_s{s}", "metrics.jsonl"))}
+    panels = (("the four losses", [n for n in names if n in ("dispo", "cispo", "dapo", "grpo")]),
+              ("DISPO with one window too tight", [n for n in names if n == "dispo" or n.startswith("dispo_tight")]))
     for key, title in CURVES:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for i, n in enumerate(names):
-            for j, s in enumerate(seeds):
-                pts = _series(runs.get((n, s), []), key)
-                if pts:
-                    ax.plot(*zip(*pts), color=f"C{i}", alpha=0.8, linestyle="-" if n in ("dispo", "cispo", "dapo", "grpo") else "--",
-                            label=n if j == 0 else None)
-        ax.set_xlabel("step"), ax.set_ylabel(title), ax.set_title(title), ax.legend(fontsize=7, ncol=2)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+        for ax, (panel, members) in zip(axes, panels):
+            for i, n in enumerate(members):
+                curves = [dict(_series(runs[(n, s)], key)) for s in seeds if (n, s) in runs]
+                xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                if not xs:
+                    continue
+                vals = [[c[x] for c in curves] for x in xs]
+                mean = [sum(v) / len(v) for v in vals]
+                ax.plot(xs, mean, color=f"C{i}", label=f"{n} (mean of {len(curves)})")
+                ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.15)
+            ax.set_title(f"{title}: {panel}", fontsize=10)
+            ax.set_xlabel("optimizer updates (rollout batches)")
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel(title)
         fig.tight_layout()
         fig.savefig(os.path.join(out, key.replace("/", "_") + ".png"), dpi=110)
         plt.close(fig)
@@ -157,6 +168,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     table = summarize(args.out, args.only, args.seeds)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
+    if args.summarize_only:
+        print(table)
+        return
     with open(os.path.join(args.out, "command.json"), "w") as f:
         json.dump({"argv": ["python", "-m", "dispo_ray.study", *(sys.argv[1:] if argv is None else argv)],
                    "common_overrides": COMMON, "extra_overrides": extra, "variants": VARIANTS}, f, indent=1)
