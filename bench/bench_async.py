@@ -14,6 +14,8 @@ the same two cores, so overlap buys less than on a cluster where they own separa
 """
 from __future__ import annotations
 
+import sys
+
 import statistics
 import time
 from typing import Dict, List
@@ -79,5 +81,6 @@ def main(quick: bool = False) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    for row in main():
-        print(f"{row['name']:45s} {row['value']:>8} / {row['baseline']:>8} = {row['ratio']:>6}  goal {row['goal']}\n  {row['notes']}")
+    from bench import print_rows
+
+    print_rows(main(quick="--quick" in sys.argv))

@@ -178,8 +178,6 @@ def main(quick: bool = False) -> List[dict]:
 
 
 if __name__ == "__main__":
-    rows = main(quick="--quick" in sys.argv)
-    print(f"{'benchmark':<68} {'value':>10} {'baseline':>10} {'ratio':>7} {'goal':>7}")
-    for r in rows:
-        print(f"{r['name']:<68} {r['value']:>10} {r['baseline']:>10} {r['ratio']:>7} {r['goal']:>7}  "
-              f"({r['unit']}; {r['notes']})")
+    from bench import print_rows
+
+    print_rows(main(quick="--quick" in sys.argv))

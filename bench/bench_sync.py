@@ -228,8 +228,6 @@ def main(quick: bool = False) -> List[dict]:
 
 
 if __name__ == "__main__":
-    rows = main(quick="--quick" in sys.argv)
-    print(f"{'benchmark':<66} {'value':>10} {'baseline':>10} {'ratio':>7} {'goal':>7}")
-    for r in rows:
-        print(f"{r['name']:<66} {r['value']:>10} {r['baseline']:>10} {r['ratio']:>7} {r['goal']:>7}  "
-              f"({r['unit']}; {r['notes']})")
+    from bench import print_rows
+
+    print_rows(main(quick="--quick" in sys.argv))
