@@ -342,6 +342,32 @@ def validate(c: RootConfig) -> None:
     _check(cl.num_cpus is None or cl.num_cpus >= 1, "cluster.num_cpus", cl.num_cpus, ">= 1 or null")
 
 
+def _schema_keys(cls: Any = None, prefix: str = "") -> List[str]:
+    import dataclasses
+    out: List[str] = []
+    for f in dataclasses.fields(cls or RootConfig):
+        key = prefix + f.name
+        out.append(key)
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            out.extend(_schema_keys(f.default_factory, key + "."))
+    return out
+
+
+def check_override_keys(overrides: List[str]) -> None:
+    """Catch a mistyped key in ``key=value`` overrides before Hydra does (its message spans several
+    lines): one line naming the key and the closest valid ones."""
+    import difflib
+    keys = _schema_keys()
+    for ov in overrides:
+        if "=" not in ov or ov.startswith(("+", "~", "hydra.", "hydra/", "-")):
+            continue
+        key = ov.split("=", 1)[0].strip()
+        if key and key not in keys:
+            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(near)}?" if near else "; see `--cfg job` for every key"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
 def to_dict(c: RootConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(c), resolve=True)
 

@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dispo_ray.config import CONF_DIR, ConfigError, load_config
+from dispo_ray.config import CONF_DIR, ConfigError, check_override_keys, load_config
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -26,6 +26,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -83,3 +83,13 @@ def test_cli_cfg_job_shows_clip_overrides():
     assert p.returncode == 0, p.stderr
     for line in ("eps_low_pos: 0.25", "eps_high_pos: 7", "eps_low_neg: 0.9", "eps_high_neg: 55"):
         assert line in p.stdout
+
+
+def test_cli_mistyped_key_gets_one_line_with_suggestions():
+    p, _ = _cli("algorithm.eps_low=0.1")
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: unknown config key 'algorithm.eps_low'; did you mean algorithm.eps_low_pos, "
+                     "algorithm.eps_low_neg, algorithm.clip_low?"]
+    p, _ = _cli("--cfg", "job", "generator=hf", "trainer.collapse_guard.patience=4")  # valid keys pass
+    assert p.returncode == 0 and "patience: 4" in p.stdout
