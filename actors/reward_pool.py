@@ -1,9 +1,10 @@
 """The reward / verifier pool: N CPU Ray actors, each owning one :class:`~dispo_ray.sandbox.Sandbox`.
 
 :class:`RewardPool` is a plain object the driver holds (or anyone: ``RewardPool(cfg.reward,
-max_new_tokens=...)`` inside a running Ray). ``score(items)`` splits the batch into chunks and
-hands them to idle workers as they free up (so one slow chunk does not stall the batch), and
-returns one :class:`~dispo_ray.scoring.ScoreResult` per item in input order. A worker that dies
+max_new_tokens=...)`` inside a running Ray). ``score(items)`` cuts the batch into chunks and
+hands them to idle workers as they free up (so one slow chunk does not stall the batch); each
+worker verifies its chunk pipelined through its sandbox child. It returns one
+:class:`~dispo_ray.scoring.ScoreResult` per item in input order. A worker that dies
 (``RayActorError``) or stops answering is killed, replaced, and its chunk re-queued; each chunk's
 results are written exactly once, so nothing is lost or duplicated.
 
@@ -16,7 +17,7 @@ import collections
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
@@ -43,7 +44,7 @@ class RewardWorker:
         return os.getpid()
 
     def score(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        out = []
+        prepared = []
         for it in items:
             t0 = time.monotonic()
             try:
@@ -51,10 +52,14 @@ class RewardWorker:
                                              it["data_source"], self.cfg.max_answer_chars)
             except Exception:  # a bug in extraction must cost one item, not the batch
                 answer, gt, reason = None, "", "crashed"
-            elapsed = time.monotonic() - t0
-            if reason is None:  # the sandbox's time excludes waiting for a replacement child
-                reason, verify_s = self.sandbox.verify(answer, gt)
-                elapsed += verify_s
+            prepared.append([answer, gt, reason, time.monotonic() - t0])
+        to_verify = [p for p in prepared if p[2] is None]
+        # one pipelined call for the chunk; each verify time excludes waiting for a new child
+        for p, (reason, verify_s) in zip(to_verify, self.sandbox.verify_many(
+                [(p[0], p[1]) for p in to_verify])):
+            p[2], p[3] = reason, p[3] + verify_s
+        out = []
+        for it, (answer, _gt, reason, elapsed) in zip(items, prepared):
             res = finalize(reason, answer, it["response_length"], self.max_new_tokens, self.cfg)
             res.elapsed_s = elapsed
             out.append(res.to_dict())
@@ -150,46 +155,58 @@ class RewardPool:
         if n == 0:
             return []
         w = len(self.workers)
-        cs = self.chunk_size or max(1, min(64, math.ceil(n / (4 * w))))
-        todo = collections.deque(range(0, n, cs))  # chunk starts
+        fresh = collections.deque([(0, n)])  # unassigned items, cut into chunks on dispatch
+        retry: collections.deque = collections.deque()  # chunks a dead worker had, as they were
         results: List[Optional[ScoreResult]] = [None] * n
-        tries: Dict[int, int] = collections.defaultdict(int)
+        tries: Dict[Tuple[int, int], int] = collections.defaultdict(int)
         idle = list(range(w))
-        inflight: Dict[Any, tuple] = {}  # ref -> (worker index, chunk start, sent at)
-        while todo or inflight:
-            while idle and todo:
-                wi, start = idle.pop(), todo.popleft()
-                ref = self.workers[wi].score.remote(batch[start:start + cs])
-                inflight[ref] = (wi, start, time.monotonic())
+        inflight: Dict[Any, tuple] = {}  # ref -> (worker index, (start, end), sent at)
+        while fresh or retry or inflight:
+            while idle and (fresh or retry):
+                chunk = retry.popleft() if retry else self._cut(fresh, w)
+                wi = idle.pop()
+                ref = self.workers[wi].score.remote(batch[chunk[0]:chunk[1]])
+                inflight[ref] = (wi, chunk, time.monotonic())
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in done:
-                wi, start, _sent = inflight.pop(ref)
+                wi, chunk, _sent = inflight.pop(ref)
                 try:
                     out = ray.get(ref)
                 except (RayActorError, WorkerCrashedError):
-                    self._lost(wi, start, cs, n, tries, todo, results)
+                    self._lost(wi, chunk, tries, retry, results)
                 else:
                     for j, r in enumerate(out):
-                        results[start + j] = ScoreResult(**r)
+                        results[chunk[0] + j] = ScoreResult(**r)
                 idle.append(wi)
             now = time.monotonic()
-            for ref, (wi, start, sent) in list(inflight.items()):
-                if now - sent > self._chunk_deadline(min(cs, n - start)):  # hung actor
+            for ref, (wi, chunk, sent) in list(inflight.items()):
+                if now - sent > self._chunk_deadline(chunk[1] - chunk[0]):  # hung actor
                     inflight.pop(ref)
-                    self._lost(wi, start, cs, n, tries, todo, results)
+                    self._lost(wi, chunk, tries, retry, results)
                     idle.append(wi)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _lost(self, wi: int, start: int, cs: int, n: int, tries: Dict[int, int],
-              todo: collections.deque, results: List[Optional[ScoreResult]]) -> None:
-        """Worker ``wi`` died on chunk ``start``: replace it; re-queue or give up on the chunk."""
+    def _cut(self, fresh: collections.deque, workers: int) -> Tuple[int, int]:
+        """Next chunk from the unassigned range. Guided self-scheduling: a chunk is 1/(2W) of
+        what is left (4..64 items), so chunks shrink towards the end of a batch and the workers
+        finish together instead of one idling while another ends a long chunk."""
+        start, end = fresh.popleft()
+        size = self.chunk_size or max(4, min(64, math.ceil((end - start) / (2 * workers))))
+        if end - start > size:
+            fresh.appendleft((start + size, end))
+            end = start + size
+        return start, end
+
+    def _lost(self, wi: int, chunk: Tuple[int, int], tries: Dict[Tuple[int, int], int],
+              retry: collections.deque, results: List[Optional[ScoreResult]]) -> None:
+        """Worker ``wi`` died on ``chunk``: replace it; re-queue or give up on the chunk."""
         self._replace(wi)
-        tries[start] += 1
-        if tries[start] <= self.max_chunk_retries:
-            todo.appendleft(start)
+        tries[chunk] += 1
+        if tries[chunk] <= self.max_chunk_retries:
+            retry.append(chunk)
             return
-        for j in range(start, min(start + cs, n)):
+        for j in range(*chunk):
             results[j] = finalize("crashed", None, 0, self.max_new_tokens, self.cfg)
 
     def score_samples(self, samples: Sequence[Any]) -> List[ScoreResult]:

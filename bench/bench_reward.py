@@ -128,7 +128,7 @@ def main(quick: bool = False) -> List[dict]:
     cfg = compose([f"reward.timeout_s={timeout_s}", "reward.num_cpus_per_worker=1"])
     batch = realistic_batch(n_items, seed=1)
     rows = []
-    rounds = 1 if quick else 2
+    rounds = 1 if quick else 3
     thr = _throughputs(cfg, list(range(1, cores + 1)), batch, rounds)
     thr1 = thr[1]
     rows.append({"name": "reward verifications/s, 1 worker", "value": round(thr1, 1),

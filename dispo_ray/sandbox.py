@@ -20,6 +20,7 @@ interrupted by signals, which is what the parent's kill is for.
 """
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import subprocess
@@ -27,10 +28,13 @@ import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 120.0  # a child must be ready within this (2 busy shared cores: be generous)
+# Jobs queued in the child's stdin pipe (64 KiB on Linux) stay well below its size, so a send
+# never blocks while the child is busy and the parent keeps watching the deadline.
+_PIPE_SAFE_CHARS = 8_000  # <= 32 KiB even at 4 UTF-8 bytes per char
 
 
 class SandboxError(RuntimeError):
@@ -97,7 +101,7 @@ class Sandbox:
     """
 
     def __init__(self, timeout_s: float, memory_mb: int, spare: bool = True,
-                 soft_timeout: bool = True):
+                 soft_timeout: bool = True, window: int = 2):
         if timeout_s <= 0:
             raise ValueError(f"sandbox timeout_s must be > 0, got {timeout_s}")
         if memory_mb < 64:
@@ -105,6 +109,9 @@ class Sandbox:
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.use_spare = spare
+        if window < 1:
+            raise ValueError(f"sandbox window must be >= 1, got {window}")
+        self.window = int(window)  # jobs queued in the child at once (1 = strict round trips)
         self.soft_timeout_s = 0.8 * self.timeout_s if soft_timeout else 0.0  # 0 = parent kill only
         self._jid = 0
         self._stats = {"verified": 0, "timeouts": 0, "crashes": 0, "replacements": 0,
@@ -128,44 +135,87 @@ class Sandbox:
             self._spare = self._new_child()
 
     def verify(self, answer: str, ground_truth: str) -> Tuple[str, float]:
+        return self.verify_many([(answer, ground_truth)])[0]
+
+    def verify_many(self, pairs: Sequence[Tuple[str, str]]) -> List[Tuple[str, float]]:
+        """Verify ``(answer, ground_truth)`` pairs in order; one ``(reason, elapsed_s)`` each.
+
+        Pipelined: the next job is already in the child's pipe when it finishes the current one
+        (a window of ``window`` jobs, fewer for large ones, so that a blocked write can never
+        delay the deadline), so the child never idles waiting for this process to be scheduled.
+        Each job's deadline runs from when the child could start it: its send or the previous
+        result, whichever is later. A timeout or crash kills the child; the jobs it had not
+        answered go to the replacement.
+        """
         if self._child is None:
             raise SandboxError("sandbox is closed")
-        t0 = time.monotonic()
+        out: List[Optional[Tuple[str, float]]] = [None] * len(pairs)
+        pending = collections.deque(range(len(pairs)))
+        inflight: Deque[Tuple[int, int]] = collections.deque()  # (pair index, job id)
+        head_t0 = 0.0
+
+        def settle(reason: str, replace: bool) -> None:
+            nonlocal head_t0
+            i, _ = inflight.popleft()
+            elapsed = time.monotonic() - head_t0
+            out[i] = (reason, elapsed)
+            self._count(reason, elapsed)
+            if replace:  # the child is gone: its unanswered jobs go to the next one
+                self._replace()
+                pending.extendleft(j for j, _ in reversed(inflight))
+                inflight.clear()
+            head_t0 = time.monotonic()
+
+        while pending or inflight:
+            child = self._child
+            if not inflight:
+                self._ensure_ready()  # a spare's start-up is not charged to any job
+                child = self._child
+            try:
+                while pending and self._window_open(inflight, pairs, pending[0]):
+                    i = pending.popleft()
+                    self._jid += 1
+                    child.send.send((self._jid, *pairs[i]))
+                    if not inflight:
+                        head_t0 = time.monotonic()
+                    inflight.append((i, self._jid))
+                left = head_t0 + self.timeout_s - time.monotonic()
+                if left <= 0:
+                    settle("timeout", replace=True)
+                elif child.recv.poll(left):
+                    jid, reason, recycle = child.recv.recv()
+                    if jid == inflight[0][1]:
+                        settle(reason, replace=reason == "crashed" or bool(recycle))
+            except (EOFError, OSError, BrokenPipeError):  # the child died (segfault, OOM kill)
+                if inflight:
+                    settle("crashed", replace=True)
+                else:  # died between jobs: nothing to blame, just replace it
+                    self._replace()
+        return out  # type: ignore[return-value]
+
+    def _window_open(self, inflight: Deque[Tuple[int, int]], pairs: Sequence[Tuple[str, str]],
+                     nxt: int) -> bool:
+        if not inflight:
+            return True
+        if len(inflight) >= self.window:
+            return False
+        queued = sum(len(pairs[i][0]) + len(pairs[i][1]) for i, _ in inflight)
+        return queued + len(pairs[nxt][0]) + len(pairs[nxt][1]) <= _PIPE_SAFE_CHARS
+
+    def _ensure_ready(self) -> None:
         try:
             self._child.wait_ready(START_TIMEOUT_S)
         except SandboxError:
             self._replace()
             self._child.wait_ready(START_TIMEOUT_S)
-        t0 = time.monotonic()  # the deadline covers the job, not a spare's start-up
-        self._jid += 1
-        reason = self._roundtrip(self._jid, answer, ground_truth, t0 + self.timeout_s)
-        elapsed = time.monotonic() - t0
+
+    def _count(self, reason: str, elapsed: float) -> None:
         self._stats["verified"] += 1
         self._stats["max_elapsed_s"] = max(self._stats["max_elapsed_s"], elapsed)
         if reason == "timeout":
             self._stats["timeouts"] += 1
         elif reason == "crashed":
             self._stats["crashes"] += 1
-        return reason, elapsed
-
-    def _roundtrip(self, jid: int, answer: str, gt: str, deadline: float) -> str:
-        child = self._child
-        try:
-            child.send.send((jid, answer, gt))
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._replace()
-                    return "timeout"
-                if child.recv.poll(left):
-                    msg = child.recv.recv()
-                    if msg[0] == jid:
-                        if msg[1] == "crashed" or msg[2]:  # crashed / asked to be recycled
-                            self._replace()
-                        return msg[1]
-        except (EOFError, OSError, BrokenPipeError):  # the child died (segfault, OOM kill, ...)
-            self._replace()
-            return "crashed"
 
     @property
     def child_pid(self) -> Optional[int]:
