@@ -250,9 +250,10 @@ class LearnerWorker:
     def _iter_buckets(self, bucket_bytes: int):
         """Yield (bucket specs, whole tensors in manifest dtype) one bucket at a time; under ZeRO-3
         only that bucket is gathered. Rank 0 gets the tensors, other ranks None (all must iterate)."""
-        from dispo_ray.weight_sync import plan_buckets
+        from dispo_ray.weight_sync import direct_bytes_for, plan_buckets
         lookup = dict(self.named_params)
-        for bucket in plan_buckets(self.manifest(), bucket_bytes):
+        # the same plan as the SyncSender's and every receiver's (they agree on the backend)
+        for bucket in plan_buckets(self.manifest(), bucket_bytes, direct_bytes_for(self.sync_backend)):
             with self._gathered([s.name for s in bucket]):
                 yield bucket, ([lookup[s.name].data.to(s.torch_dtype) for s in bucket] if self.rank == 0 else None)
 
@@ -311,9 +312,13 @@ class LearnerWorker:
         if self.rank != 0:
             return False
         from dispo_ray.weight_sync import WeightSyncGroup
-        self.sync_group = WeightSyncGroup("nccl" if self.cuda else "gloo", host, port, 0, world_size,
+        self.sync_group = WeightSyncGroup(self.sync_backend, host, port, 0, world_size,
                                           timeout_s=self.cfg.learner.sync_timeout_s)
         return True
+
+    @property
+    def sync_backend(self) -> str:
+        return "nccl" if self.cuda else "gloo"
 
     def close_weight_sync(self) -> None:
         if self.sync_group is not None:
@@ -330,7 +335,10 @@ class LearnerWorker:
         if self.rank == 0:
             if self.sync_group is None:
                 raise RuntimeError("broadcast_weights: call init_weight_sync first")
-            sender = SyncSender(self.sync_group, self.manifest(), bucket_bytes)
+            # ZeRO-1/2 parameters stay put during the sync, so unpacked ones may stay in flight;
+            # ZeRO-3 re-partitions each gathered bucket as soon as send_bucket returns
+            sender = SyncSender(self.sync_group, self.manifest(), bucket_bytes,
+                                stable=self.cfg.learner.zero_stage < 3)
             try:
                 sender.begin(version)
             except Exception as e:  # noqa: BLE001 - re-raised below
