@@ -77,7 +77,7 @@ def _measure(zero_stage: int, quick: bool, workdir: str) -> dict:
     tokens = float(batch["attention_mask"].sum())
     mask = batch["response_mask"]
     args = ([batch], [float(mask.sum())], [float((mask.sum(-1) > 0).sum())])
-    rounds = 4 if quick else 16
+    rounds = 4 if quick else 40  # a step is ~0.2 s: many rounds, so that best-of sees a quiet moment for both
     times = {k: [] for k in ("ds_wall", "bare_wall", "ds_cpu", "bare_cpu")}
     for i in range(rounds + 1):  # round 0 warms up both
         for side, step in (("ds", lambda: worker.train_step(*args)),
