@@ -17,8 +17,8 @@ gloo any tensor of >= 256 KiB, gets a bucket of its own and goes unpacked: :func
 so the sender can gather one bucket at a time (ZeRO-3) and never holds the whole model. Both sides
 pipeline: the sender keeps ``SEND_AHEAD`` broadcasts in flight while it packs the next bucket
 into a persistent staging buffer; each receiver keeps ``RECV_AHEAD`` receives posted while its
-consumer loads an earlier bucket. Every collective has a deadline; a failure raises :class:`WeightSyncError` naming
-the phase, the bucket, the version and this rank, never hangs.
+consumer loads an earlier bucket. Every collective has a deadline; a failure raises
+:class:`WeightSyncError` naming the phase, the bucket, the version and this rank, never hangs.
 """
 from __future__ import annotations
 
@@ -173,6 +173,7 @@ class WeightSyncGroup:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
         self.backend, self.rank, self.world_size, self.timeout_s = backend, rank, world_size, timeout_s
+        self._staging: Dict[int, torch.Tensor] = {}  # slot -> persistent pack buffer (sender)
         self.peer = f"rank {rank}/{world_size} at {host}:{port}"
         try:
             if backend == "gloo":
@@ -210,10 +211,9 @@ class WeightSyncGroup:
 
         Why: a fresh 32 MB CPU buffer per bucket is a fresh mmap whose first touch page-faults
         and zero-fills every page, which costs about twice the pack copy itself."""
-        bufs = self.__dict__.setdefault("_staging", {})
-        buf = bufs.get(slot)
+        buf = self._staging.get(slot)
         if buf is None or buf.numel() < nbytes:
-            buf = bufs[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            buf = self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return buf
 
     def broadcast_async(self, tensor: torch.Tensor, src: int = 0) -> Any:
@@ -242,7 +242,8 @@ class WeightSyncGroup:
             self._wait(what)
 
     def close(self) -> None:
-        for attr in ("_comm", "_spg", "_pg", "_staging"):
+        self._staging.clear()
+        for attr in ("_comm", "_spg", "_pg"):
             if hasattr(self, attr):
                 delattr(self, attr)
 
@@ -256,10 +257,15 @@ def _guard(group: WeightSyncGroup, phase: str, version: int, fn: Callable[[], No
         raise WeightSyncError(f"weight sync {phase} of version {version} failed on {group.peer}: {e}") from e
 
 
-def _agree(group: WeightSyncGroup, ok: bool, version: int) -> None:
+def _all_ok(group: WeightSyncGroup, ok: bool, phase: str, version: int) -> bool:
+    """All-reduce(min) of every rank's flag: True only if every rank said ok."""
     flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=group.device)
-    _guard(group, "manifest agreement", version, lambda: group.all_reduce_min(flag, "manifest agreement"))
-    if int(flag.item()) != 1:
+    _guard(group, phase, version, lambda: group.all_reduce_min(flag, phase))
+    return int(flag.item()) == 1
+
+
+def _agree(group: WeightSyncGroup, ok: bool, version: int) -> None:
+    if not _all_ok(group, ok, "manifest agreement", version):
         raise WeightSyncError(f"weight sync of version {version}: manifests differ between sender and "
                               f"receivers (seen on {group.peer}); both sides must walk the same names, "
                               "shapes and dtypes")
@@ -269,8 +275,7 @@ def _complete(group: WeightSyncGroup, version: int) -> None:
     """Every rank, after the last bucket: a sent broadcast only means the bytes left this process
     (TCP buffers them), so the sender learns here that every receiver has them all, and a peer
     that died mid-sync fails the sync on the sender too."""
-    flag = torch.ones(1, dtype=torch.int64, device=group.device)
-    _guard(group, "completion", version, lambda: group.all_reduce_min(flag, "completion"))
+    _all_ok(group, True, "completion", version)
 
 
 class SyncSender:
@@ -358,7 +363,8 @@ def receive_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucke
     """Receiver side: read the header now, then yield ``(name, tensor)`` bucket by bucket.
 
     Each bucket gets a fresh buffer and the yielded tensors are views into it, so a consumer may
-    keep them. The iterator must be drained: the sender blocks until every bucket is received.
+    keep them. The iterator must be drained: the sender blocks until every bucket is received
+    and the completion collective (run when the iterator is exhausted) has joined.
     """
     manifest = list(manifest)
     if direct_bytes is None:

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from dispo_ray.weight_sync import (ParamSpec, WeightSyncError, WeightSyncGroup, bucket_nbytes,
+from dispo_ray.weight_sync import (ParamSpec, SyncSender, WeightSyncError, WeightSyncGroup, bucket_nbytes,
                                    direct_bytes_for, find_free_port, make_manifest, pack, plan_buckets, receive_weights,
                                    send_weights, unpack)
 
@@ -117,6 +117,33 @@ def test_successive_syncs_reuse_staging_without_stale_bytes():
     assert flat.data_ptr() == out.data_ptr() and flat.numel() == 16 + 8
     with pytest.raises(ValueError, match="out has 8 bytes"):
         pack([torch.ones(3)], out=torch.empty(8, dtype=torch.uint8))
+
+
+def test_unstable_sender_puts_each_unpacked_tensor_on_the_wire_before_returning():
+    # ZeRO-3's case: the caller releases each gathered tensor as soon as send_bucket returns
+    # (here: overwrites it); receivers must still get what was sent
+    port, q = find_free_port(), CTX.Queue()
+    proc = CTX.Process(target=_receiver, args=(port, 1, 2, 1 << 20, q), kwargs={"direct_bytes": 64})
+    proc.start()
+    ts = _tensors()
+    sent = {k: t.clone() for k, t in ts.items()}
+    group = WeightSyncGroup("gloo", "127.0.0.1", port, 0, 2, timeout_s=30)
+    sender = SyncSender(group, make_manifest(ts.items()), 1 << 20, stable=False, direct_bytes=64)
+    assert sum(len(b) == 1 for b in sender.buckets) == 3  # embed, norm (alone between two), w
+    sender.begin(version=9)
+    for bucket in sender.buckets:
+        tensors = [ts[p.name] for p in bucket]
+        sender.send_bucket(tensors)
+        if len(bucket) == 1:
+            assert not sender._in_flight  # finished, not just started
+        for t in tensors:
+            t.fill_(0)
+    sender.end()
+    status, version, out = q.get(timeout=60)
+    proc.join(timeout=30)
+    assert status == "ok" and version == 9
+    for k in sent:
+        assert torch.equal(out[k], sent[k]), k
 
 
 def test_manifest_mismatch_fails_loudly_on_both_sides():
