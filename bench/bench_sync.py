@@ -222,7 +222,7 @@ def step_share_rows(quick: bool, raw_bytes_per_s: float) -> List[dict]:
               f"of ~{med['samples']:.0f} samples after a warm-up step; sync = Trainer.sync_weights")
     wire_ms = 1e3 * nbytes / raw_bytes_per_s
     common += (f"; at the raw broadcast rate of (a) the payload itself takes ~{wire_ms:.1f} ms, the rest is "
-               "per-sync overhead around the broadcast (Ray calls, vLLM collective_rpc, reload_weights)")
+               "per-sync overhead around the broadcast (Ray calls, vLLM collective_rpc, the engine's in-place load)")
     rows.append({"name": "weight sync time / learner train step (embedded default)",
                  "value": round(med["sync"], 4), "baseline": round(med["train"], 3),
                  "ratio": round(med["sync"] / med["train"], 4), "goal": "<= 5%", "unit": "s",

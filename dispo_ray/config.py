@@ -99,6 +99,7 @@ class GeneratorConfig:
     tensor_parallel_size: int = MISSING
     gpu_memory_utilization: float = MISSING
     kv_cache_gib: int = MISSING  # CPU vLLM: VLLM_CPU_KVCACHE_SPACE
+    cpu_packed_weights: bool = MISSING  # CPU vLLM: oneDNN-packed linears (syncs then re-run a layerwise reload)
     enforce_eager: bool = MISSING
     temperature: float = MISSING
     top_p: float = MISSING

@@ -81,7 +81,7 @@ def build_tokenizer():
         clean_up_tokenization_spaces=False, model_max_length=1 << 16)
 
 
-def _qwen2_config(model_cfg: Any):
+def _qwen2_config(model_cfg: Any, tied: bool = True):
     from transformers import Qwen2Config
 
     t, v = model_cfg.tiny, vocab()
@@ -89,7 +89,7 @@ def _qwen2_config(model_cfg: Any):
         vocab_size=len(v), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
         num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
         intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
-        tie_word_embeddings=True, bos_token_id=v[BOS], eos_token_id=v[EOS], pad_token_id=v[PAD],
+        tie_word_embeddings=tied, bos_token_id=v[BOS], eos_token_id=v[EOS], pad_token_id=v[PAD],
         rope_theta=10000.0, rms_norm_eps=1e-6, use_sliding_window=False, dtype="float32")
 
 
@@ -98,9 +98,10 @@ def _complete(path: str) -> bool:
                ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"))
 
 
-def build_tiny_model(model_cfg: Any, out_dir: str | None = None, seed: int = 0) -> str:
+def build_tiny_model(model_cfg: Any, out_dir: str | None = None, seed: int = 0, tied: bool = True) -> str:
     """Write the tiny tokenizer + randomly initialised Qwen2 (seeded) to ``out_dir`` (default:
-    :func:`tiny_model_dir`) and return the path. Idempotent: an existing complete folder is reused."""
+    :func:`tiny_model_dir`) and return the path. Idempotent: an existing complete folder is reused.
+    ``tied=False`` gives the LM head its own weight (tests of engines with an untied head)."""
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
@@ -112,7 +113,7 @@ def build_tiny_model(model_cfg: Any, out_dir: str | None = None, seed: int = 0) 
     tmp = tempfile.mkdtemp(prefix=".tiny-build-", dir=parent)
     try:
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(_qwen2_config(model_cfg)).to(torch.float32)
+        model = Qwen2ForCausalLM(_qwen2_config(model_cfg, tied)).to(torch.float32)
         v = vocab()
         model.generation_config = GenerationConfig(
             bos_token_id=v[BOS], eos_token_id=v[EOS], pad_token_id=v[PAD])

@@ -127,6 +127,7 @@ def test_vllm_weight_broadcast_updates_running_engine(setup, vllm_pool):
     cfg, _, _, models, records = setup
     state_b = dict(models["b"].named_parameters())
     assert broadcast(vllm_pool, state_b, version=1) == 1
+    assert vllm_pool.load()[0]["weight_update"] == "load_weights"  # the default: plain CPU weights
     samples = vllm_pool.generate(records, 3)
     check_grouped(samples, records, 3, 1, cfg.generator.max_new_tokens)
     assert max_diff(models["b"], samples) < TOL  # the engine now runs model b ...
@@ -137,6 +138,38 @@ def test_vllm_weight_broadcast_updates_running_engine(setup, vllm_pool):
     assert {s.version for s in samples} == {2} and vllm_pool.versions() == [2]
     lps = torch.tensor([lp for s in samples for lp in s.response_logprobs])
     assert torch.allclose(lps, torch.full_like(lps, -math.log(len(vocab()))), atol=1e-4)
+
+
+@pytest.mark.parametrize("packed, tied", [(True, True), (False, False)], ids=["packed-tied", "plain-untied"])
+def test_vllm_weight_update_paths(setup, ray_cluster, tmp_path, packed, tied):
+    """The two other ways a sync lands on CPU (the default, plain weights with a tied head, is
+    tested above): oneDNN-packed weights go through vLLM's layerwise reload; an untied LM head
+    is loaded in place and repacked. Either way the engine must then run exactly the new model."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.generator import GeneratorPool
+
+    cfg0, path_a, _, models, records = setup
+    if tied:
+        path, model_a, model_b = path_a, models["a"], models["b"]
+    else:
+        load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+        path = build_tiny_model(cfg0.model, str(tmp_path / "untied_a"), seed=0, tied=False)
+        model_a = load(path)
+        model_b = load(build_tiny_model(cfg0.model, str(tmp_path / "untied_b"), seed=1, tied=False))
+        assert not torch.equal(model_b.lm_head.weight, model_b.model.embed_tokens.weight)
+    cfg = compose([f"model.cache_dir={cfg0.model.cache_dir}", "data.max_prompt_length=32", "generator.max_new_tokens=12",
+                   "generator.backend=vllm", "generator.num_actors=1", f"generator.cpu_packed_weights={packed}"])
+    pool = GeneratorPool(cfg, path)
+    try:
+        assert max_diff(model_a, pool.generate(records, 2)) < TOL
+        assert broadcast(pool, dict(model_b.named_parameters()), version=1) == 1
+        assert pool.load()[0]["weight_update"] == ("reload_weights" if packed else "load_weights")
+        samples = pool.generate(records, 3)
+        assert {s.version for s in samples} == {1}
+        assert max_diff(model_b, samples) < TOL and max_diff(model_a, samples) > 0.1
+    finally:
+        pool.shutdown()
 
 
 # ------------------------------------------------------------------------------------------ hf

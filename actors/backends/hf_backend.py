@@ -32,6 +32,7 @@ class HFBackend:
         self.max_model_len = max_model_len
         torch.manual_seed(int(gen_cfg.seed))
         self.receiver = None
+        self.weight_update = "copy_"  # how a sync loads: into the module's own tensors
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec) -> List[List[Completion]]:

@@ -23,8 +23,14 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen_cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "0")
         from vllm import LLM
+        from vllm.platforms import current_platform
+
+        from actors.vllm_worker_ext import CPU_PLAIN_LOAD_FORMAT
 
         tp = int(gen_cfg.tensor_parallel_size)
+        # CPU: keep linear weights plain so a sync is a cheap in-place load (actors.vllm_worker_ext)
+        cpu_plain = current_platform.is_cpu() and not bool(gen_cfg.cpu_packed_weights)
+        self.weight_update = "not connected"  # how a sync loads: load_weights | reload_weights
         self.sync_ranks = tp  # every TP worker is a rank of the weight-sync group
         self.llm = LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=max_model_len,
@@ -32,6 +38,7 @@ class VLLMBackend:
             tensor_parallel_size=tp, gpu_memory_utilization=float(gen_cfg.gpu_memory_utilization),
             distributed_executor_backend="ray" if tp > 1 else None,
             logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION,
+            load_format=CPU_PLAIN_LOAD_FORMAT if cpu_plain else "auto",
             disable_log_stats=True)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -58,8 +65,10 @@ class VLLMBackend:
     # --- weights -------------------------------------------------------------------------------
     def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, manifest: Sequence[Any],
                          bucket_bytes: int, timeout_s: float, backend: str) -> List[int]:
-        return self.llm.collective_rpc("dispo_init_weight_sync", args=(
+        joined = self.llm.collective_rpc("dispo_init_weight_sync", args=(
             host, port, rank, world_size, manifest_to_wire(manifest), bucket_bytes, timeout_s, backend))
+        self.weight_update = "load_weights" if all(in_place for _, in_place in joined) else "reload_weights"
+        return [r for r, _ in joined]
 
     def receive_weights(self) -> int:
         versions = set(self.llm.collective_rpc("dispo_receive_weights"))
