@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+
 import pytest
 
 from dispo_ray.sandbox import Sandbox
@@ -69,13 +71,23 @@ def test_large_jobs_close_the_window_so_a_send_never_blocks_past_a_deadline():
 
 def test_child_killed_mid_run_costs_at_most_the_job_it_was_running(sandbox):
     pairs, expected = _pairs(400)
-    pid = sandbox.child_pid
-    killer = threading.Timer(0.5, lambda: os.kill(pid, 9))
+    killed = {}
+
+    def kill_after_100_answers():
+        # by progress, not by a timer: on a fast machine 400 easy answers take < 0.5 s
+        while sandbox.stats()["verified"] < 100:
+            time.sleep(0.001)
+        killed["pid"] = sandbox.child_pid
+        os.kill(killed["pid"], 9)
+        killed["at"] = sandbox.stats()["verified"]
+
+    killer = threading.Thread(target=kill_after_100_answers, daemon=True)
     killer.start()
     results = sandbox.verify_many(pairs)
-    killer.join()
+    killer.join(timeout=5)
     reasons = [r for r, _ in results]
-    assert sandbox.child_pid != pid and sandbox.stats()["replacements"] >= 1
+    assert killed["at"] < len(pairs)  # the kill landed mid-run
+    assert sandbox.child_pid != killed["pid"] and sandbox.stats()["replacements"] >= 1
     assert reasons.count("crashed") <= 1  # the job it was on; the queued ones went to the next
     assert [r for r, e in zip(reasons, expected) if r != "crashed"] == [
         e for r, e in zip(reasons, expected) if r != "crashed"]
