@@ -39,7 +39,8 @@ class _PolicyLogProbs(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, response_mask=None):
         backbone = getattr(self.lm, self.lm.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # no KV cache: a training forward never decodes, and a cache would hold every layer's K/V
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return causal_token_logprobs(hidden, self.lm.get_output_embeddings(), input_ids,
                                      self.chunk_size, mask=response_mask)
 
@@ -57,8 +58,17 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
     return f
 
 
+def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def ds_config(cfg: Any, world_size: int, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The DeepSpeed config derived from ``cfg.learner`` / ``cfg.model`` (+ optional overrides)."""
+    """The DeepSpeed config derived from ``cfg.learner`` / ``cfg.model``, then ``learner.deepspeed_config``
+    (the user's extra entries, e.g. ZeRO offload; keys the learner owns are rejected by validation)
+    and ``overrides`` merged over it, nested dicts key by key."""
     l = cfg.learner
     c: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": l.micro_batch_size,
@@ -72,9 +82,7 @@ def ds_config(cfg: Any, world_size: int, overrides: Optional[Dict[str, Any]] = N
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    for k, v in (overrides or {}).items():
-        c[k] = {**c[k], **v} if isinstance(v, dict) and isinstance(c.get(k), dict) else v
-    return c
+    return _deep_merge(_deep_merge(c, dict(l.deepspeed_config or {})), overrides or {})
 
 
 def _slice(batch: Dict[str, torch.Tensor], lo: int, hi: int) -> Dict[str, torch.Tensor]:
@@ -82,6 +90,14 @@ def _slice(batch: Dict[str, torch.Tensor], lo: int, hi: int) -> Dict[str, torch.
     part = {k: v[lo:hi] for k, v in batch.items()}
     T = int(part["attention_mask"].sum(-1).max().item()) if hi > lo else 1
     return {k: (v[:, :max(T, 2)] if v.dim() == 2 else v) for k, v in part.items()}
+
+
+def _local_param_fraction(lm: torch.nn.Module) -> float:
+    """Elements this rank holds / elements of the model: 1 when loaded whole, ~1/W when built
+    inside ``zero.Init`` (a ZeRO-3 parameter is an empty placeholder plus its ``ds_tensor`` shard)."""
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in lm.parameters())
+    return local / max(full, 1)
 
 
 class LearnerWorker:
@@ -133,25 +149,35 @@ class LearnerWorker:
                                              rank=self.rank, world_size=self.world_size, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
+        l = self.cfg.learner
+        config = ds_config(self.cfg, self.world_size, self.ds_overrides)
+        if config["zero_optimization"].get("stage") == 3:
+            # transformers then builds the model inside deepspeed.zero.Init and loads each tensor
+            # straight into its partition, so no rank ever holds the whole model (it keeps only a
+            # weakref to this object, hence the attribute).
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds_config = HfDeepSpeedConfig(config)
         torch.manual_seed(self.cfg.trainer.seed)
         lm = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        local_fraction = _local_param_fraction(lm)
+        if l.gradient_checkpointing:  # recompute each decoder layer in backward (non-reentrant: ZeRO-3 safe)
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hf_config = lm.config
-        self.policy = _PolicyLogProbs(lm, self.cfg.learner.logprob_chunk_size)
-        l = self.cfg.learner
+        self.policy = _PolicyLogProbs(lm, l.logprob_chunk_size)
         opt = torch.optim.AdamW(self.policy.parameters(), lr=l.lr, betas=tuple(l.betas),
                                 weight_decay=l.weight_decay)
         total = self.cfg.trainer.total_steps * l.mini_batches
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(l.warmup_steps, total, l.lr_schedule))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.policy, optimizer=opt, lr_scheduler=sched,
-            config=ds_config(self.cfg, self.world_size, self.ds_overrides))
+            model=self.policy, optimizer=opt, lr_scheduler=sched, config=config)
         self.zero3 = self.engine.zero_optimization_stage() == 3
         self.device = self.engine.device
         # HF names (wrapper prefix stripped); a tied lm_head.weight is not a separate parameter.
         self.named_params = [(n[len("lm."):], p) for n, p in self.engine.module.named_parameters()]
         self.loss_fn = get_policy_loss(self.cfg.algorithm.name)
         return {"rank": self.rank, "backend": backend, "device": str(self.device),
-                "zero_stage": self.engine.zero_optimization_stage()}
+                "zero_stage": self.engine.zero_optimization_stage(), "loaded_param_fraction": local_fraction,
+                "gradient_checkpointing": bool(lm.is_gradient_checkpointing)}
 
     def _to_dev(self, mb: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in mb.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -125,6 +125,8 @@ class LearnerConfig:
     logprob_chunk_size: int = MISSING  # tokens per chunk of the log-prob/entropy computation
     sync_bucket_mb: int = MISSING  # weight-broadcast bucket size
     sync_timeout_s: float = MISSING
+    gradient_checkpointing: bool = MISSING  # recompute decoder layers in backward
+    deepspeed_config: Optional[Dict[str, Any]] = None  # extra DeepSpeed entries (offload, ...)
 
 
 @dataclass
@@ -195,6 +197,17 @@ class RootConfig:
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 GENERATOR_BACKENDS = ("vllm", "hf")
+_ABSENT = object()
+FREE_FORM_KEY = "learner.deepspeed_config"  # a mapping the schema does not type, key by key
+# DeepSpeed entries derived from other keys (actors/learner.py: ds_config): an override would desync them.
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "learner.micro_batch_size * learner.num_actors",
+    "train_micro_batch_size_per_gpu": "learner.micro_batch_size",
+    "gradient_accumulation_steps": "learner.mini_batches and micro_batch_size",
+    "gradient_clipping": "learner.grad_clip", "zero_optimization.stage": "learner.zero_stage",
+    "bf16": "model.dtype", "fp16": "model.dtype",
+    "optimizer": "learner.lr, betas, weight_decay (torch AdamW)", "scheduler": "learner.lr_schedule, warmup_steps",
+}
 
 
 def load_config(cfg: Any) -> RootConfig:
@@ -307,6 +320,11 @@ def validate(c: RootConfig) -> None:
     _check(l.logprob_chunk_size >= 1, "learner.logprob_chunk_size", l.logprob_chunk_size, ">= 1")
     _check(l.sync_bucket_mb >= 1, "learner.sync_bucket_mb", l.sync_bucket_mb, ">= 1")
     _check(l.sync_timeout_s > 0, "learner.sync_timeout_s", l.sync_timeout_s, "> 0")
+    for key, owner in DEEPSPEED_OWNED_KEYS.items():
+        node: Any = l.deepspeed_config
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        _check(node is _ABSENT, f"learner.deepspeed_config.{key}", node, f"left out (the learner sets it from {owner})")
 
     r = c.reward
     _check(r.num_workers >= 1, "reward.num_workers", r.num_workers, ">= 1")
@@ -363,6 +381,9 @@ def check_override_keys(overrides: List[str]) -> None:
         if "=" not in ov or ov.startswith(("+", "~", "hydra.", "hydra/", "-")):
             continue
         key = ov.split("=", 1)[0].strip()
+        if key.startswith(FREE_FORM_KEY + "."):
+            raise ConfigError(f"config key '{key}': a new entry inside {FREE_FORM_KEY} needs a leading '+' "
+                              f"(+{ov}), or set the whole mapping: {FREE_FORM_KEY}={{...}}")
         if key and key not in keys:
             near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(near)}?" if near else "; see `--cfg job` for every key"

@@ -48,12 +48,27 @@ def test_generator_preset_and_overrides():
     ("model.path=/nonexistent/model", "model.path", "existing HF model folder"),
     ("data.train_files=[/nonexistent.parquet]", "data.train_files", "existing"),
     ("reward.timeout_s=0", "reward.timeout_s", "> 0"),
+    ("learner.deepspeed_config={zero_optimization:{stage:3}}", "learner.deepspeed_config.zero_optimization.stage",
+     "the learner sets it from learner.zero_stage"),
+    ("learner.deepspeed_config={train_batch_size:64}", "learner.deepspeed_config.train_batch_size", "left out"),
 ])
 def test_bad_values_name_key_and_allowed_range(override, key, fragment):
     with pytest.raises(ConfigError) as e:
         compose([override])
     msg = str(e.value)
     assert key in msg and fragment in msg and "\n" not in msg
+
+
+def test_deepspeed_config_entries_merge_into_the_derived_config():
+    from actors.learner import ds_config
+    cfg = compose(["learner.zero_stage=3", "learner.micro_batch_size=4", "learner.grad_clip=0.5",
+                   "learner.deepspeed_config={zero_optimization:{offload_optimizer:{device:cpu},"
+                   "stage3_max_live_parameters:1000},communication_data_type:fp32}"])
+    c = ds_config(cfg, world_size=2, overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    assert c["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                      "stage3_max_live_parameters": 1000, "stage3_param_persistence_threshold": 0}
+    assert (c["communication_data_type"], c["train_batch_size"], c["gradient_clipping"]) == ("fp32", 8, 0.5)
+    assert ds_config(compose([]), 1)["zero_optimization"] == {"stage": 1}
 
 
 def test_batch_divisibility_is_checked():
@@ -91,5 +106,8 @@ def test_cli_mistyped_key_gets_one_line_with_suggestions():
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert lines == ["error: unknown config key 'algorithm.eps_low'; did you mean algorithm.eps_low_pos, "
                      "algorithm.eps_low_neg, algorithm.clip_low?"]
-    p, _ = _cli("--cfg", "job", "generator=hf", "trainer.collapse_guard.patience=4")  # valid keys pass
-    assert p.returncode == 0 and "patience: 4" in p.stdout
+    p, _ = _cli("learner.deepspeed_config.zero_optimization.stage3_max_live_parameters=1000")
+    assert p.returncode == 2 and "needs a leading '+'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p, _ = _cli("--cfg", "job", "generator=hf", "trainer.collapse_guard.patience=4",  # valid keys pass
+                "+learner.deepspeed_config.zero_optimization.stage3_max_live_parameters=1000")
+    assert p.returncode == 0 and "patience: 4" in p.stdout and "stage3_max_live_parameters: 1000" in p.stdout

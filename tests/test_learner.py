@@ -33,8 +33,8 @@ def model_path(tmp_path_factory):
     return build_tiny_model(cfg.model, str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
-def _cfg(stage: int):
-    return compose(OVERRIDES + [f"learner.zero_stage={stage}"])
+def _cfg(stage: int, *extra: str):
+    return compose(OVERRIDES + [f"learner.zero_stage={stage}", *extra])
 
 
 def _batch(seed: int, model_path: str):
@@ -128,10 +128,17 @@ def _local_views(group):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_match_single_process_reference(ray_cluster, model_path, data, stage):
+    """Stage 2 also recomputes its decoder layers in backward (gradient checkpointing), which must
+    not change the update; stage 3 builds the model inside zero.Init, so each rank loads ~1/2."""
     from actors.learner_group import LearnerGroup
-    group = LearnerGroup(_cfg(stage), model_path, ds_config_overrides=ZERO3_PARTITION_ALL)
+    ckpt = stage == 2
+    group = LearnerGroup(_cfg(stage, f"learner.gradient_checkpointing={ckpt}"), model_path,
+                         ds_config_overrides=ZERO3_PARTITION_ALL)
     _GROUPS[stage] = group
     assert [i["zero_stage"] for i in group.info] == [stage, stage] and group.info[0]["backend"] == "gloo"
+    assert [i["gradient_checkpointing"] for i in group.info] == [ckpt, ckpt]
+    for info in group.info:  # what from_pretrained left on the rank, before DeepSpeed partitioned anything
+        assert info["loaded_param_fraction"] == (pytest.approx(0.5, abs=0.02) if stage == 3 else 1.0)
     for k, batch in enumerate(data["batches"][:STEPS]):
         m = group.train_step(batch)
         ref = data["ref_history"][k]
