@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from actors.backends.base import SamplingSpec
 from dispo_ray.data import PromptRecord
+from dispo_ray.placement import pin, wait_for_node_resource
 from dispo_ray.rollout import Sample
 
 log = logging.getLogger(__name__)
@@ -165,9 +166,10 @@ class GeneratorPool:
         self.placement_groups: List[Any] = []
         remote_cls = ray.remote(GeneratorActor)
         self.actors = []
+        wait_for_node_resource(g.node_resource, "generator.node_resource", restart_timeout_s)
         for i in range(int(g.num_actors)):
             opts: Dict[str, Any] = dict(max_restarts=MAX_RESTARTS, max_task_retries=0, name=None,
-                                        num_cpus=float(g.num_cpus_per_actor))
+                                        num_cpus=float(g.num_cpus_per_actor), resources=pin(g.node_resource))
             opts.update(self._gpu_options(g))
             self.actors.append(remote_cls.options(**opts).remote(cfg, model_path, i))
         self.incarnations = ray.get([a.ready.remote() for a in self.actors])
@@ -182,7 +184,8 @@ class GeneratorPool:
     def _gpu_options(self, g: Any) -> Dict[str, Any]:
         """One STRICT_PACK placement group per actor: ``tensor_parallel_size`` bundles of one GPU
         each (TP groups never split across nodes). With TP > 1 the actor holds no GPU itself;
-        vLLM's Ray executor starts one worker per bundle (``capture_child_tasks``)."""
+        vLLM's Ray executor starts one worker per bundle (``capture_child_tasks``). Each bundle
+        carries the pool's pin (``generator.node_resource``), so the group lands on its own nodes."""
         if float(g.num_gpus_per_actor) <= 0:
             return {}
         from ray.util.placement_group import placement_group
@@ -191,13 +194,13 @@ class GeneratorPool:
 
         tp = int(g.tensor_parallel_size)
         gpus = 1.0 if tp > 1 else float(g.num_gpus_per_actor)
-        pg = placement_group([{"GPU": gpus, "CPU": 1.0}] * tp, strategy="STRICT_PACK")
+        pg = placement_group([{"GPU": gpus, "CPU": 1.0, **pin(g.node_resource)}] * tp, strategy="STRICT_PACK")
         ray.get(pg.ready(), timeout=self.restart_timeout_s)
         self.placement_groups.append(pg)
         strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0,
                                                     placement_group_capture_child_tasks=True)
         return {"num_gpus": 0 if tp > 1 else gpus, "num_cpus": 0 if tp > 1 else min(1.0, float(g.num_cpus_per_actor)),
-                "scheduling_strategy": strategy}
+                "resources": {} if tp > 1 else pin(g.node_resource), "scheduling_strategy": strategy}
 
     # --- generation ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Any], n: int, sampling: Optional[Dict[str, Any]] = None) -> List[Sample]:

@@ -20,6 +20,7 @@ import torch
 
 from actors.learner import LearnerActor
 from dispo_ray.losses import merge_raw_metrics, summarize_metrics
+from dispo_ray.placement import pin, wait_for_node_resource
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "old_log_probs", "advantages", "correct")
 
@@ -28,7 +29,7 @@ class LearnerGroup:
     """Driver-side handle of the learner world. All methods block unless they say otherwise."""
 
     def __init__(self, cfg: Any, model_path: Optional[str] = None,
-                 ds_config_overrides: Optional[Dict[str, Any]] = None):
+                 ds_config_overrides: Optional[Dict[str, Any]] = None, start_timeout_s: float = 600.0):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -42,12 +43,13 @@ class LearnerGroup:
                 model_path = build_tiny_model(cfg.model)
         self.cfg, self.model_path, self.world_size = cfg, model_path, l.num_actors
         self.pg = None
-        opts: List[Dict[str, Any]] = [{"num_cpus": l.num_cpus_per_actor, "num_gpus": l.num_gpus_per_actor}
-                                      for _ in range(self.world_size)]
+        wait_for_node_resource(l.node_resource, "learner.node_resource", start_timeout_s)
+        opts: List[Dict[str, Any]] = [{"num_cpus": l.num_cpus_per_actor, "num_gpus": l.num_gpus_per_actor,
+                                       "resources": pin(l.node_resource)} for _ in range(self.world_size)]
         if l.num_gpus_per_actor > 0:  # one bundle per GPU rank, packed onto as few nodes as possible
-            self.pg = placement_group([{"CPU": l.num_cpus_per_actor, "GPU": l.num_gpus_per_actor}] * self.world_size,
-                                      strategy="PACK")
-            ray.get(self.pg.ready(), timeout=600)
+            bundle = {"CPU": l.num_cpus_per_actor, "GPU": l.num_gpus_per_actor, **pin(l.node_resource)}
+            self.pg = placement_group([bundle] * self.world_size, strategy="PACK")
+            ray.get(self.pg.ready(), timeout=start_timeout_s)
             for i, o in enumerate(opts):
                 o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=i)

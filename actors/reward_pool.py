@@ -22,12 +22,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
 
+from dispo_ray.placement import pin, wait_for_node_resource
 from dispo_ray.sandbox import Sandbox
 from dispo_ray.scoring import ScoreResult, finalize, prepare
 
 _NEEDED = ("num_workers", "num_cpus_per_worker", "timeout_s", "memory_mb", "correct_reward",
            "wrong_reward", "format_reward", "overlong_buffer", "overlong_penalty",
-           "max_answer_chars")
+           "max_answer_chars", "node_resource")
 
 
 @ray.remote(max_restarts=0, max_concurrency=1)
@@ -126,12 +127,13 @@ class RewardPool:
         self.max_chunk_retries = max_chunk_retries
         self.start_timeout_s = start_timeout_s
         self.replaced = 0
+        wait_for_node_resource(cfg.node_resource, "reward.node_resource", start_timeout_s)
         self.workers: List[Any] = [self._spawn() for _ in range(self.target_size)]
         ray.get([w.ready.remote() for w in self.workers], timeout=start_timeout_s)
 
     # ----------------------------------------------------------- workers
     def _spawn(self) -> Any:
-        return RewardWorker.options(num_cpus=self.cfg.num_cpus_per_worker).remote(
+        return RewardWorker.options(num_cpus=self.cfg.num_cpus_per_worker, resources=pin(self.cfg.node_resource)).remote(
             self.cfg, self.max_new_tokens, self.sandbox_options)
 
     def _replace(self, i: int) -> None:

@@ -5,6 +5,9 @@
 #   RAY_ADDRESS=http://127.0.0.1:8265 deploy/submit.sh trainer.total_steps=200 model.path=/mnt/models/qwen
 #   EPS_HIGH_NEG=55 deploy/submit.sh ...            # the four DISPO clip parameters, by env var
 #   SUBMIT_ARGS="--no-wait --submission-id run-1" deploy/submit.sh ...   # extra `ray job submit` flags
+#   PIN_TO_GROUPS=1 deploy/submit.sh ...            # each pool only on the nodes advertising its
+#                                                   # resource (dispo_generator / dispo_learner / dispo_reward,
+#                                                   # as deploy/kuberay-ray-cluster-values.yaml's groups do)
 #
 # The checkout is uploaded as the job's working dir, minus what deploy/runtime_env.yaml excludes;
 # arguments after the script name are Hydra overrides (the last one wins, so they may also
@@ -16,6 +19,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 RAY_BIN="${RAY_BIN:-ray}"
 read -r -a submit_args <<< "${SUBMIT_ARGS:-}"
+pins=()
+if [[ "${PIN_TO_GROUPS:-0}" == 1 ]]; then
+  pins=(generator.node_resource=dispo_generator learner.node_resource=dispo_learner reward.node_resource=dispo_reward)
+fi
 
 exec "$RAY_BIN" job submit --address "$RAY_ADDRESS" \
   --working-dir . --runtime-env deploy/runtime_env.yaml \
@@ -25,4 +32,4 @@ exec "$RAY_BIN" job submit --address "$RAY_ADDRESS" \
   "algorithm.eps_high_pos=${EPS_HIGH_POS:-10.0}" \
   "algorithm.eps_low_neg=${EPS_LOW_NEG:-1.0}" \
   "algorithm.eps_high_neg=${EPS_HIGH_NEG:-100.0}" \
-  "$@"
+  "${pins[@]}" "$@"

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+TEST_NODE_RESOURCE = "dispo_test_group"  # what a KubeRay worker group advertises (see dispo_ray/placement.py)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -13,6 +15,12 @@ os.environ.setdefault("DS_BUILD_OPS", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def assigned_resources(actor) -> dict:
+    """The resources Ray granted a running actor (what it asked for, as scheduled)."""
+    import ray
+    return ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_assigned_resources()))
 
 
 def _has_cuda() -> bool:
@@ -34,11 +42,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray with more logical CPUs than cores, so fractional actors of every pool fit."""
+    """A local Ray with more logical CPUs than cores, so fractional actors of every pool fit. The
+    node advertises the custom resource TEST_NODE_RESOURCE, so pools can be pinned to it."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, resources={TEST_NODE_RESOURCE: 1},
                  runtime_env={"env_vars": {k: os.environ[k] for k in (
                      "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "DS_BUILD_OPS",
                      "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM")}})

@@ -71,6 +71,33 @@ def test_deepspeed_config_entries_merge_into_the_derived_config():
     assert ds_config(compose([]), 1)["zero_optimization"] == {"stage": 1}
 
 
+def test_a_wheel_install_ships_and_finds_conf(tmp_path):
+    """A non-editable install (the wheel, without the checkout on the path) composes the config."""
+    import shutil
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    src = tmp_path / "src"  # a copy: setuptools writes build/ next to the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "dispo_ray", "actors", "conf"):
+        path = os.path.join(REPO, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, src)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=180)
+    wheel = next((tmp_path / "dist").glob("dispo_ray-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "t"),
+                    str(wheel)], check=True, capture_output=True, timeout=180)
+    code = ("import dispo_ray.config as c; print(c.CONF_DIR); "
+            "print(c.compose(['algorithm=cispo']).algorithm.clip_high)")
+    # -S: no .pth files, so the editable install of the checkout is not importable
+    p = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": f"{tmp_path / 't'}{os.pathsep}{site}"})
+    assert p.returncode == 0, p.stderr
+    conf_dir, clip_high = p.stdout.split()
+    assert conf_dir == str(tmp_path / "t" / "dispo_ray" / "conf") and float(clip_high) == 5.0
+
+
 def test_batch_divisibility_is_checked():
     with pytest.raises(ConfigError, match="trainer.prompts_per_step.*divisible by learner.num_actors"):
         compose(["trainer.prompts_per_step=3", "algorithm.group_size=3", "learner.num_actors=2"])

@@ -116,6 +116,11 @@ def test_default_rayjob_shape():
     gpus = {n: g[n]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for n in g}
     assert gpus == {"generator": 8, "learner": 8, "reward": None}
     assert {n: g[n]["rayStartParams"]["num-gpus"] for n in g} == {"generator": "8", "learner": "8", "reward": "0"}
+    # each group advertises its pool's resource (the form KubeRay itself writes: JSON in single quotes)
+    # and the entrypoint pins the pool to it, so no learner rank lands on a generator node
+    for name, grp in g.items():
+        assert json.loads(grp["rayStartParams"]["resources"].strip("'")) == {f"dispo_{name}": 1}, name
+        assert grp["rayStartParams"]["resources"].startswith("'{"), name
     for name, grp in g.items():
         assert grp["replicas"] == grp["minReplicas"] == grp["maxReplicas"] == 1, name
         res = grp["template"]["spec"]["containers"][0]["resources"]
@@ -125,6 +130,7 @@ def test_default_rayjob_shape():
     assert {"generator.num_actors=8", "learner.num_actors=8", "learner.num_gpus_per_actor=1",
             "learner.zero_stage=2", "reward.num_workers=16"} <= set(args)
     assert 'trainer.run_dir="/mnt/dispo/runs/dispo-dispo-ray"' in args
+    assert {f"{n}.node_resource=dispo_{n}" for n in g} <= set(args)
 
 
 def test_clip_values_reach_the_entrypoint_exactly():
@@ -163,6 +169,8 @@ def test_entrypoint_is_a_valid_dispo_config(tmp_path):
     assert cfg.model.path == str(model) and list(cfg.data.train_files) == [str(p) for p in train]
     assert cfg.learner.lr == 1e-6 and cfg.generator.max_new_tokens == 4096
     assert cfg.trainer.wandb_project == "dispo runs" and cfg.trainer.total_steps == 200
+    assert (cfg.generator.node_resource, cfg.learner.node_resource, cfg.reward.node_resource) == \
+        ("dispo_generator", "dispo_learner", "dispo_reward")
 
 
 def test_worker_groups_size_the_actor_pools():
@@ -241,6 +249,10 @@ def test_ray_cluster_values_fit_kuberay_chart_and_match_our_chart():
         assert grp[name]["resources"]["limits"]["nvidia.com/gpu"] == ours[name]["gpusPerPod"]
         assert grp[name]["rayStartParams"]["num-gpus"] == str(ours[name]["gpusPerPod"])
     assert "nvidia.com/gpu" not in grp["reward"]["resources"]["limits"]
+    job_groups = groups(rayjob())  # the same pins as the RayJob's groups (submit with PIN_TO_GROUPS=1)
+    for name, g in grp.items():
+        assert g["rayStartParams"]["resources"] == job_groups[name]["rayStartParams"]["resources"], name
+    assert "PIN_TO_GROUPS" in (REPO / "deploy" / "submit.sh").read_text()
 
 
 # ---------------------------------------------------------------- Dockerfiles

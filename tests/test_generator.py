@@ -18,7 +18,9 @@ import time
 import pytest
 import torch
 
+from conftest import TEST_NODE_RESOURCE, assigned_resources
 from dispo_ray.config import compose
+from dispo_ray.placement import PIN_AMOUNT
 from dispo_ray.data import PromptRecord
 from dispo_ray.tiny import build_tiny_model, vocab
 from dispo_ray.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
@@ -179,7 +181,8 @@ def hf_pool(setup, ray_cluster):
 
     cfg, path_a, *_ = setup
     cfg = compose([f"model.cache_dir={cfg.model.cache_dir}", "data.max_prompt_length=32",
-                   "generator.max_new_tokens=12", "generator.backend=hf", "generator.num_actors=2"])
+                   "generator.max_new_tokens=12", "generator.backend=hf", "generator.num_actors=2",
+                   f"generator.node_resource={TEST_NODE_RESOURCE}"])
     pool = GeneratorPool(cfg, path_a, restart_timeout_s=120)
     yield pool
     pool.shutdown()
@@ -227,6 +230,8 @@ def test_hf_broadcast_then_dead_actor_is_restarted_and_reissued(setup, hf_pool):
     assert [s.version for s in samples] == [6] * 4 + [5] * 4
     assert [s.prompt_uid for s in samples] == [r.uid for r in records for _ in range(2)]
     assert hf_pool.reissued == 4 and hf_pool.needs_sync == set() and hf_pool.versions() == [6, 6]
+    for actor in hf_pool.actors:  # pinned to its node group (generator.node_resource), restarts too
+        assert assigned_resources(actor)[TEST_NODE_RESOURCE] == pytest.approx(PIN_AMOUNT)
 
 
 def test_hf_trim_and_sampling_overrides(setup):

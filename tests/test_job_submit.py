@@ -134,6 +134,7 @@ def ray_head():
            f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent_listen}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
            f"--runtime-env-agent-port={rt_env}", "--num-cpus=8", "--num-gpus=0",
+           '--resources={"dispo_generator": 1, "dispo_learner": 1, "dispo_reward": 1}',  # the chart's pins
            "--object-store-memory=500000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -167,7 +168,7 @@ def test_submit_sh_runs_two_steps_on_a_local_head(ray_head, tmp_path):
     run_dir = tmp_path / "run"
     sub_id = f"dispo-test-{uuid.uuid4().hex[:8]}"
     env = dict(env, RAY_ADDRESS=address, RAY_BIN=str(VENV_BIN / "ray"),
-               SUBMIT_ARGS=f"--no-wait --submission-id {sub_id}", EPS_HIGH_NEG="55")
+               SUBMIT_ARGS=f"--no-wait --submission-id {sub_id}", EPS_HIGH_NEG="55", PIN_TO_GROUPS="1")
     out = subprocess.run(
         ["bash", str(SUBMIT), "trainer.total_steps=2", "trainer.eval_every=0", "trainer.eval_max_prompts=8",
          "trainer.prompts_per_step=4", "trainer.progress_bar=false", "trainer.tensorboard=false",
@@ -194,3 +195,6 @@ def test_submit_sh_runs_two_steps_on_a_local_head(ray_head, tmp_path):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["algorithm"]["eps_high_neg"] == 55.0  # the env-var clip override reached the run
     assert cfg["cluster"]["address"] == "auto"
+    # every pool was pinned to its group's resource, and the job still ran: the requests fit
+    assert [cfg[k]["node_resource"] for k in ("generator", "learner", "reward")] == \
+        ["dispo_generator", "dispo_learner", "dispo_reward"]

@@ -13,7 +13,9 @@ import os
 import pytest
 import torch
 
+from conftest import TEST_NODE_RESOURCE, assigned_resources
 from dispo_ray.config import compose
+from dispo_ray.placement import PIN_AMOUNT
 from dispo_ray.logprobs import naive_token_logprobs
 from dispo_ray.rollout import Sample, collate
 
@@ -21,7 +23,8 @@ STEPS, M, LR, WARMUP = 2, 2, 1e-3, 2
 OVERRIDES = ["learner.num_actors=2", "learner.micro_batch_size=1", f"learner.mini_batches={M}",
              f"learner.lr={LR}", "learner.lr_schedule=cosine", f"learner.warmup_steps={WARMUP}",
              "learner.grad_clip=1.0", "learner.logprob_chunk_size=16", "learner.sync_bucket_mb=1",
-             "learner.sync_timeout_s=20", "trainer.total_steps=4", "algorithm=dispo"]
+             "learner.sync_timeout_s=20", "trainer.total_steps=4", "algorithm=dispo",
+             f"learner.node_resource={TEST_NODE_RESOURCE}"]
 ZERO3_PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 _GROUPS = {}
 
@@ -139,6 +142,8 @@ def test_zero_stages_match_single_process_reference(ray_cluster, model_path, dat
     assert [i["gradient_checkpointing"] for i in group.info] == [ckpt, ckpt]
     for info in group.info:  # what from_pretrained left on the rank, before DeepSpeed partitioned anything
         assert info["loaded_param_fraction"] == (pytest.approx(0.5, abs=0.02) if stage == 3 else 1.0)
+    for actor in group.actors:  # every rank pinned to the learner's node group
+        assert assigned_resources(actor)[TEST_NODE_RESOURCE] == pytest.approx(PIN_AMOUNT)
     for k, batch in enumerate(data["batches"][:STEPS]):
         m = group.train_step(batch)
         ref = data["ref_history"][k]

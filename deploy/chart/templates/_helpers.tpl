@@ -28,6 +28,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- default (printf "%s/runs/%s" .Values.storage.mountPath (include "dispo-ray.fullname" .)) .Values.trainer.runDir -}}
 {{- end -}}
 
+{{/* The custom Ray resource a worker group advertises and its pool asks for (call with the group name). */}}
+{{- define "dispo-ray.nodeResource" -}}
+dispo_{{ . }}
+{{- end -}}
+
 {{/* The Hydra overrides of the entrypoint, one per line (each line is one argument). */}}
 {{- define "dispo-ray.overrides" -}}
 {{- $v := .Values -}}
@@ -62,6 +67,9 @@ learner.num_actors={{ $learners }}
 learner.num_gpus_per_actor=1
 learner.zero_stage={{ $v.learner.zeroStage }}
 reward.num_workers={{ $v.reward.numWorkers }}
+{{- range list "generator" "learner" "reward" }}
+{{ . }}.node_resource={{ include "dispo-ray.nodeResource" . }}
+{{- end }}
 trainer.total_steps={{ $v.trainer.totalSteps }}
 trainer.max_staleness={{ $v.trainer.maxStaleness }}
 trainer.run_dir={{ include "dispo-ray.runDir" . | quote }}
