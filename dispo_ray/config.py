@@ -1,9 +1,10 @@
-"""Typed schema of the run configuration, and validation before anything starts.
+"""Typed schema of the run configuration, and where Hydra finds ``conf/``.
 
 Hydra composes ``conf/``; :func:`load_config` merges the result into these dataclasses (which
 rejects unknown keys and wrong types) and :func:`dispo_ray.validation.validate` checks ranges,
-enums, divisibility and paths. Every user error becomes one :class:`ConfigError` line naming the key, the value and what
-is allowed; ``dispo_ray.main`` prints it and exits non-zero before Ray starts.
+enums, divisibility and paths. Every user error becomes one :class:`ConfigError` line naming the
+key, the value and what is allowed; ``dispo_ray.main`` prints it and exits non-zero before Ray
+starts.
 """
 from __future__ import annotations
 
@@ -192,8 +193,6 @@ class RootConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-
-
 
 
 FREE_FORM_KEY = "learner.deepspeed_config"  # a mapping the schema does not type, key by key

@@ -2,7 +2,8 @@
 printed numbers):
 
 * a learner step with DeepSpeed on CUDA, bf16, world size 1, through the real Ray group
-  (placement group with one GPU bundle, NCCL backend);
+  (placement group with one GPU bundle, NCCL backend): ZeRO-2, and ZeRO-3 with gradient
+  checkpointing;
 * peak GPU memory of the chunked log-prob step (forward + backward) vs a naive full-logits one.
 """
 from __future__ import annotations
@@ -26,15 +27,18 @@ def _batch(n: int, prompt: int, resp: int, vocab: int, seed: int = 0):
 
 
 @needs_cuda
-def test_deepspeed_bf16_step_on_cuda(ray_cluster, tmp_path):
+@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, True)])
+def test_deepspeed_bf16_step_on_cuda(ray_cluster, tmp_path, stage, checkpointing):
+    """ZeRO-2, and ZeRO-3 (model built inside zero.Init) with gradient checkpointing."""
     from actors.learner_group import LearnerGroup
     from dispo_ray.config import compose
     cfg = compose(["learner.num_actors=1", "learner.num_gpus_per_actor=1", "learner.num_cpus_per_actor=1",
-                   "learner.zero_stage=2", "model.dtype=bfloat16", "learner.micro_batch_size=4",
-                   f"model.cache_dir={tmp_path}/cache"])
+                   f"learner.zero_stage={stage}", f"learner.gradient_checkpointing={checkpointing}",
+                   "model.dtype=bfloat16", "learner.micro_batch_size=4", f"model.cache_dir={tmp_path}/cache"])
     group = LearnerGroup(cfg)
     try:
         assert group.info[0]["backend"] == "nccl" and group.info[0]["device"].startswith("cuda")
+        assert group.info[0]["gradient_checkpointing"] is checkpointing
         batch = _batch(8, 16, 32, 90)
         before = group.hf_state_dict()
         metrics = [group.train_step(batch) for _ in range(3)]
