@@ -85,6 +85,18 @@ def ds_config(cfg: Any, world_size: int, overrides: Optional[Dict[str, Any]] = N
     return _deep_merge(_deep_merge(c, dict(l.deepspeed_config or {})), overrides or {})
 
 
+def make_optimizer(params, l: Any, config: Dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW from ``learner.lr / betas / weight_decay``: torch's, or DeepSpeedCPUAdam (the same
+    update, vectorised on the host) when the DeepSpeed config offloads the optimizer, as DeepSpeed
+    demands of an offloaded client optimizer. The latter JIT-compiles once (~45 s, then cached)."""
+    offload = (config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    kw = dict(lr=l.lr, betas=tuple(l.betas), weight_decay=l.weight_decay)
+    if offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
 def _slice(batch: Dict[str, torch.Tensor], lo: int, hi: int) -> Dict[str, torch.Tensor]:
     """Rows lo:hi, with the columns trimmed to the longest sequence among them."""
     part = {k: v[lo:hi] for k, v in batch.items()}
@@ -164,8 +176,7 @@ class LearnerWorker:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hf_config = lm.config
         self.policy = _PolicyLogProbs(lm, l.logprob_chunk_size)
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=l.lr, betas=tuple(l.betas),
-                                weight_decay=l.weight_decay)
+        opt = make_optimizer(self.policy.parameters(), l, config)
         total = self.cfg.trainer.total_steps * l.mini_batches
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(l.warmup_steps, total, l.lr_schedule))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -163,6 +163,31 @@ def test_zero_stages_match_single_process_reference(ray_cluster, model_path, dat
             torch.testing.assert_close(local[:n], full[off:off + n], atol=3e-5, rtol=0)
 
 
+def test_optimizer_offload_matches_single_process_reference(ray_cluster, model_path, data):
+    """ZeRO-2 with the optimizer offloaded (learner.deepspeed_config): DeepSpeedCPUAdam takes the
+    torch AdamW's place and the update is the reference's."""
+    from actors.learner_group import LearnerGroup
+    group = LearnerGroup(_cfg(2, "learner.deepspeed_config={zero_optimization:{offload_optimizer:{device:cpu}}}"),
+                         model_path)
+    try:
+        kinds = _on_ranks(group, lambda w: type(w.engine.basic_optimizer).__name__)
+        assert kinds == ["DeepSpeedCPUAdam"] * 2
+        for k, batch in enumerate(data["batches"][:STEPS]):
+            m = group.train_step(batch)
+            assert m["actor/loss"] == pytest.approx(data["ref_history"][k]["loss"], rel=1e-5, abs=1e-6)
+            assert m["actor/grad_norm"] == pytest.approx(data["ref_history"][k]["grad_norm"], rel=1e-4)
+        state = group.hf_state_dict()
+    finally:
+        group.shutdown()
+    for name, p in data["ref_params"].items():
+        torch.testing.assert_close(state[name], p, atol=3e-5, rtol=0)
+
+
+def _on_ranks(group, fn):
+    import ray
+    return ray.get([a.__ray_call__.remote(fn) for a in group.actors])
+
+
 def test_first_microbatch_mismatch_is_measured(ray_cluster, model_path, data):
     """Before any update the learner's log-probs are the initial model's, so the mismatch
     metrics equal those of the injected noise on the first micro-batch of every rank."""
