@@ -17,10 +17,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def call_on(actors, fn) -> list:
+    """``fn(actor_instance)`` run inside each actor, results in order."""
+    import ray
+    return ray.get([a.__ray_call__.remote(fn) for a in actors])
+
+
 def assigned_resources(actor) -> dict:
     """The resources Ray granted a running actor (what it asked for, as scheduled)."""
     import ray
-    return ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_assigned_resources()))
+    return call_on([actor], lambda _: ray.get_runtime_context().get_assigned_resources())[0]
 
 
 def _has_cuda() -> bool:

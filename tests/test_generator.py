@@ -20,8 +20,8 @@ import torch
 
 from conftest import TEST_NODE_RESOURCE, assigned_resources
 from dispo_ray.config import compose
-from dispo_ray.placement import PIN_AMOUNT
 from dispo_ray.data import PromptRecord
+from dispo_ray.placement import PIN_AMOUNT
 from dispo_ray.tiny import build_tiny_model, vocab
 from dispo_ray.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
 

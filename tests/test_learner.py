@@ -13,10 +13,10 @@ import os
 import pytest
 import torch
 
-from conftest import TEST_NODE_RESOURCE, assigned_resources
+from conftest import TEST_NODE_RESOURCE, assigned_resources, call_on
 from dispo_ray.config import compose
-from dispo_ray.placement import PIN_AMOUNT
 from dispo_ray.logprobs import naive_token_logprobs
+from dispo_ray.placement import PIN_AMOUNT
 from dispo_ray.rollout import Sample, collate
 
 STEPS, M, LR, WARMUP = 2, 2, 1e-3, 2
@@ -115,7 +115,6 @@ def _shutdown_groups():
 def _local_views(group):
     """What each rank itself holds: the full parameter (ZeRO 1/2) or its ZeRO-3 partition, with the
     partition's offset in the flattened parameter."""
-    import ray
 
     def view(worker):
         out = {}
@@ -126,7 +125,7 @@ def _local_views(group):
             else:
                 out[n] = (0, p.detach().reshape(-1).clone(), p.numel())
         return out
-    return ray.get([a.__ray_call__.remote(view) for a in group.actors])
+    return call_on(group.actors, view)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -170,7 +169,7 @@ def test_optimizer_offload_matches_single_process_reference(ray_cluster, model_p
     group = LearnerGroup(_cfg(2, "learner.deepspeed_config={zero_optimization:{offload_optimizer:{device:cpu}}}"),
                          model_path)
     try:
-        kinds = _on_ranks(group, lambda w: type(w.engine.basic_optimizer).__name__)
+        kinds = call_on(group.actors, lambda w: type(w.engine.basic_optimizer).__name__)
         assert kinds == ["DeepSpeedCPUAdam"] * 2
         for k, batch in enumerate(data["batches"][:STEPS]):
             m = group.train_step(batch)
@@ -181,11 +180,6 @@ def test_optimizer_offload_matches_single_process_reference(ray_cluster, model_p
         group.shutdown()
     for name, p in data["ref_params"].items():
         torch.testing.assert_close(state[name], p, atol=3e-5, rtol=0)
-
-
-def _on_ranks(group, fn):
-    import ray
-    return ray.get([a.__ray_call__.remote(fn) for a in group.actors])
 
 
 def test_first_microbatch_mismatch_is_measured(ray_cluster, model_path, data):
@@ -213,20 +207,19 @@ def test_first_microbatch_mismatch_is_measured(ray_cluster, model_path, data):
 
 
 def test_checkpoint_reload_gives_same_next_step(ray_cluster, model_path, data, tmp_path):
-    import ray
     from actors.learner_group import LearnerGroup
     group = _GROUPS[3]
     ckpt = str(tmp_path / "ckpt")
     group.save_checkpoint(ckpt)
     draw = lambda w: torch.rand(4)  # noqa: E731 - the RNG state right after save / load
-    rng_before = ray.get([a.__ray_call__.remote(draw) for a in group.actors])
+    rng_before = call_on(group.actors, draw)
     expected = group.train_step(data["batches"][STEPS])
     expected_params = group.hf_state_dict()
 
     fresh = LearnerGroup(_cfg(3), model_path, ds_config_overrides=ZERO3_PARTITION_ALL)
     try:
         fresh.load_checkpoint(ckpt)
-        rng_after = ray.get([a.__ray_call__.remote(draw) for a in fresh.actors])
+        rng_after = call_on(fresh.actors, draw)
         got = fresh.train_step(data["batches"][STEPS])
         got_params = fresh.hf_state_dict()
     finally:
