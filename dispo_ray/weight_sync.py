@@ -2,14 +2,18 @@
 
 The group lives outside the DeepSpeed world: rank 0 is learner rank 0 (it hosts the rendezvous
 store), ranks 1..N are the generator workers. Backends share one small surface
-(:class:`WeightSyncGroup`): ``gloo`` over a private ``TCPStore`` on CPU, ``nccl`` through vLLM's
-``StatelessProcessGroup`` + ``PyNcclCommunicator`` on GPU (vLLM 0.32 API).
+(:class:`WeightSyncGroup`, in :mod:`dispo_ray.sync_transport` with the readiness gate): ``gloo``
+over a private ``TCPStore`` on CPU, ``nccl`` through vLLM's ``StatelessProcessGroup`` +
+``PyNcclCommunicator`` on GPU (vLLM 0.32 API). This module is the protocol, the same on both.
 
 One sync, both sides walking the same manifest (names, shapes, dtypes in a fixed order):
 
-    1. header broadcast  [version, n_buckets, manifest digest, total bytes]   (int64)
-    2. agreement         all-reduce(min) of "my manifest matches" flags -> both sides fail loudly
-    3. bucket k = 0..n-1 the bucket's tensors packed into one flat byte buffer, broadcast
+    0. readiness         every receiver declares itself ready; the sender waits for all, then
+                         releases them (no deadline-bounded collective starts before that)
+    1. header broadcast  [version, n_buckets, manifest digest, total bytes, bucket bytes] (int64)
+    2. agreement         all-reduce(min) of "my manifest and plan match" -> both sides fail loudly
+    3. bucket k = 0..n-1 the bucket's tensors packed into one flat byte buffer, broadcast (a
+                         tensor larger than a bucket: in pieces of ``bucket_bytes``)
     4. completion        all-reduce(min) once every rank has every bucket
 
 Buckets are planned greedily in manifest order up to ``bucket_bytes`` (a larger tensor, or on
@@ -24,21 +28,19 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import socket
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+# the transport (group, readiness gate, errors) lives in dispo_ray.sync_transport; re-exported here
+from dispo_ray.sync_transport import (SyncGate, WeightSyncError, WeightSyncGroup,  # noqa: F401
+                                      find_free_port, local_ip)
+
 SEND_AHEAD = 2  # broadcasts the sender keeps in flight while it packs / gathers the next bucket
 RECV_AHEAD = 2  # receives a receiver keeps posted while its consumer loads an earlier bucket
 _ALIGN = 16  # byte alignment of each tensor in a bucket, so dtype views are always legal
-
-
-class WeightSyncError(RuntimeError):
-    """A weight-sync collective failed or timed out."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,14 @@ def plan_buckets(manifest: Sequence[ParamSpec], bucket_bytes: int,
     return buckets
 
 
+def wire_chunks(nbytes: int, bucket_bytes: int) -> List[Tuple[int, int]]:
+    """The broadcasts carrying one bucket of ``nbytes``: ``(offset, length)`` pieces of at most
+    ``bucket_bytes`` (only a lone tensor larger than a bucket has more than one)."""
+    if nbytes <= bucket_bytes:
+        return [(0, nbytes)]
+    return [(off, min(bucket_bytes, nbytes - off)) for off in range(0, nbytes, bucket_bytes)]
+
+
 def _packed_size(sizes: Sequence[int]) -> int:
     """Each tensor starts aligned; no padding after the last (a one-tensor bucket is its bytes)."""
     return sum(_aligned(n) for n in sizes[:-1]) + (sizes[-1] if sizes else 0)
@@ -148,106 +158,6 @@ def unpack(flat: torch.Tensor, bucket: Sequence[ParamSpec]) -> Iterator[Tuple[st
         off += _aligned(p.nbytes)
 
 
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def local_ip() -> str:
-    """This node's address as Ray sees it (loopback when Ray is not running)."""
-    try:
-        import ray
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:
-        pass
-    return "127.0.0.1"
-
-
-class WeightSyncGroup:
-    """A broadcast group of ``world_size`` processes; rank 0 hosts the store at ``host:port``."""
-
-    def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int,
-                 timeout_s: float = 120.0, device: Optional[torch.device] = None):
-        if backend not in ("gloo", "nccl"):
-            raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
-        self.backend, self.rank, self.world_size, self.timeout_s = backend, rank, world_size, timeout_s
-        self._staging: Dict[int, torch.Tensor] = {}  # slot -> persistent pack buffer (sender)
-        self.peer = f"rank {rank}/{world_size} at {host}:{port}"
-        try:
-            if backend == "gloo":
-                self.device = torch.device("cpu")
-                store = torch.distributed.TCPStore(host, port, world_size, is_master=(rank == 0),
-                                                   timeout=timedelta(seconds=timeout_s))
-                self._pg = torch.distributed.ProcessGroupGloo(store, rank, world_size,
-                                                              timedelta(seconds=timeout_s))
-            else:
-                from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-                from vllm.distributed.utils import StatelessProcessGroup
-
-                self.device = device or torch.device("cuda", torch.cuda.current_device())
-                self._spg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
-                                                         store_timeout=int(timeout_s))
-                self._comm = PyNcclCommunicator(self._spg, device=self.device)
-        except Exception as e:
-            raise WeightSyncError(f"weight sync: joining the group failed on {self.peer}: {e}") from e
-
-    def _wait(self, what: str, work=None) -> None:
-        if self.backend == "gloo":
-            if not work.wait(timedelta(seconds=self.timeout_s)):
-                raise TimeoutError(f"{what} timed out after {self.timeout_s}s")
-            return
-        event = torch.cuda.Event()
-        event.record()
-        deadline = time.monotonic() + self.timeout_s
-        while not event.query():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} timed out after {self.timeout_s}s")
-            time.sleep(0.0005)
-
-    def staging(self, slot: int, nbytes: int) -> torch.Tensor:
-        """A persistent uint8 buffer of at least ``nbytes`` for ``slot``, kept across syncs.
-
-        Why: a fresh 32 MB CPU buffer per bucket is a fresh mmap whose first touch page-faults
-        and zero-fills every page, which costs about twice the pack copy itself."""
-        buf = self._staging.get(slot)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return buf
-
-    def broadcast_async(self, tensor: torch.Tensor, src: int = 0) -> Any:
-        """Start a broadcast; finish it with :meth:`wait`. Lets packing overlap the transfer."""
-        if self.backend == "gloo":
-            opts = torch.distributed.BroadcastOptions()
-            opts.rootRank, opts.rootTensor = src, 0
-            return self._pg.broadcast([tensor], opts)
-        self._comm.broadcast(tensor, src=src)  # enqueued on the current CUDA stream
-        return None
-
-    def wait(self, handle: Any, what: str = "broadcast") -> None:
-        self._wait(what, handle)
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0, what: str = "broadcast") -> None:
-        self.wait(self.broadcast_async(tensor, src), what)
-
-    def all_reduce_min(self, tensor: torch.Tensor, what: str = "all_reduce") -> None:
-        if self.backend == "gloo":
-            opts = torch.distributed.AllreduceOptions()
-            opts.reduceOp = torch.distributed.ReduceOp.MIN
-            self._wait(what, self._pg.allreduce([tensor], opts))
-        else:
-            # PyNccl's all_reduce writes to an out tensor; passing the input as out keeps it in place.
-            self._comm.all_reduce(tensor, out_tensor=tensor, op=torch.distributed.ReduceOp.MIN)
-            self._wait(what)
-
-    def close(self) -> None:
-        self._staging.clear()
-        for attr in ("_comm", "_spg", "_pg"):
-            if hasattr(self, attr):
-                delattr(self, attr)
-
-
 def _guard(group: WeightSyncGroup, phase: str, version: int, fn: Callable[[], None]) -> None:
     try:
         fn()
@@ -280,27 +190,35 @@ def _complete(group: WeightSyncGroup, version: int) -> None:
 
 class SyncSender:
     """Sender side (rank 0). Call ``begin(version)``, ``send_bucket`` once per planned bucket in
-    order, then ``end()``. The caller supplies each bucket's tensors, so it can gather lazily."""
+    order, then ``end()``. The caller supplies each bucket's tensors, so it can gather lazily.
+
+    ``begin`` first waits until every receiver is ready (``ready_timeout_s``, None: no deadline;
+    see :mod:`dispo_ray.sync_transport`), so no deadline-bounded collective starts while a
+    receiver is still busy; every collective after that has the group's ``timeout_s``."""
 
     def __init__(self, group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int,
-                 stable: bool = False, direct_bytes: Optional[int] = None):
+                 stable: bool = False, direct_bytes: Optional[int] = None,
+                 ready_timeout_s: Optional[float] = None):
         if group.rank != 0:
             raise ValueError("SyncSender runs on rank 0 of the weight-sync group")
-        self.group, self.manifest = group, list(manifest)
+        self.group, self.manifest, self.bucket_bytes = group, list(manifest), int(bucket_bytes)
         if direct_bytes is None:
             direct_bytes = direct_bytes_for(group.backend)
         self.buckets = plan_buckets(self.manifest, bucket_bytes, direct_bytes)
         self.digest = manifest_digest(self.manifest)
         self.stable = stable  # tensors stay valid until end(): unpacked ones may stay in flight
+        self.ready_timeout_s = ready_timeout_s
         self.version, self._next, self.bytes_sent, self._t0 = -1, 0, 0, 0.0
         self._in_flight: Deque[Tuple[Any, torch.Tensor, int]] = collections.deque()  # (handle, buffer, bucket)
 
     def begin(self, version: int) -> None:
-        self.version, self._next, self.bytes_sent, self._t0 = version, 0, 0, time.perf_counter()
+        self.version, self._next, self.bytes_sent = version, 0, 0
         self._in_flight.clear()
+        self.group.wait_ready_and_go(self.ready_timeout_s)
+        self._t0 = time.perf_counter()  # the sync's own time, without the receivers' readiness
         total = sum(bucket_nbytes(b) for b in self.buckets)
-        header = torch.tensor([version, len(self.buckets), self.digest, total], dtype=torch.int64,
-                              device=self.group.device)
+        header = torch.tensor([version, len(self.buckets), self.digest, total, self.bucket_bytes],
+                              dtype=torch.int64, device=self.group.device)
         _guard(self.group, "header", version, lambda: self.group.broadcast(header, 0, "header"))
         _agree(self.group, True, version)
 
@@ -313,12 +231,16 @@ class SyncSender:
         direct = len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].device == self.group.device
         if direct:  # a tensor alone in its bucket goes out as it is, no copy
             flat = tensors[0].detach().reshape(-1).view(torch.uint8)
+        elif len(tensors) == 1 and bucket_nbytes(bucket) > self.bucket_bytes:
+            # larger than any staging buffer: one contiguous copy of ours on the group's device
+            flat = tensors[0].detach().to(self.group.device).contiguous().reshape(-1).view(torch.uint8)
         else:
-            # SEND_AHEAD + 1 staging buffers rotate: bucket k packs into one while up to
-            # SEND_AHEAD earlier buckets are still in flight from the others.
+            # SEND_AHEAD + 1 staging buffers rotate: bucket k packs into one while at most
+            # SEND_AHEAD earlier broadcasts are still in flight (none of them from this slot).
             staging = self.group.staging(k % (SEND_AHEAD + 1), bucket_nbytes(bucket))
             flat = pack([t.to(self.group.device) for t in tensors], self.group.device, out=staging)
-        self._in_flight.append((self._start(flat, k), flat, k))
+        for off, n in wire_chunks(flat.numel(), self.bucket_bytes):
+            self._in_flight.append((self._start(flat[off:off + n], k), flat, k))
         # the caller may release an unpacked tensor once we return (ZeRO-3 re-partitions a
         # gathered parameter): then it must be on the wire by then
         self._finish_in_flight(keep=0 if direct and not self.stable else SEND_AHEAD)
@@ -349,9 +271,11 @@ class SyncSender:
 
 
 def send_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], tensors: Dict[str, torch.Tensor],
-                 bucket_bytes: int, version: int, direct_bytes: Optional[int] = None) -> Dict[str, float]:
+                 bucket_bytes: int, version: int, direct_bytes: Optional[int] = None,
+                 ready_timeout_s: Optional[float] = None) -> Dict[str, float]:
     """One-shot sender for a process that holds every tensor (no ZeRO-3 gathering needed)."""
-    sender = SyncSender(group, manifest, bucket_bytes, stable=True, direct_bytes=direct_bytes)
+    sender = SyncSender(group, manifest, bucket_bytes, stable=True, direct_bytes=direct_bytes,
+                        ready_timeout_s=ready_timeout_s)
     sender.begin(version)
     for bucket in sender.buckets:
         sender.send_bucket([tensors[p.name] for p in bucket])
@@ -360,37 +284,57 @@ def send_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], tensors:
 
 def receive_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int,
                     direct_bytes: Optional[int] = None) -> Tuple[int, Iterator[Tuple[str, torch.Tensor]]]:
-    """Receiver side: read the header now, then yield ``(name, tensor)`` bucket by bucket.
+    """Receiver side: declare this rank ready and wait (no deadline) for the sender to start,
+    read the header, then yield ``(name, tensor)`` bucket by bucket.
 
     Each bucket gets a fresh buffer and the yielded tensors are views into it, so a consumer may
-    keep them. The iterator must be drained: the sender blocks until every bucket is received
-    and the completion collective (run when the iterator is exhausted) has joined.
+    keep them. A tensor larger than ``bucket_bytes`` arrives in ``bucket_bytes`` pieces into a
+    host buffer (on GPU: through a device buffer of one piece), so a receiver never allocates more
+    than ``RECV_AHEAD`` buckets of device memory outside its engine's budget. The iterator must be
+    drained: the sender blocks until every bucket is received and the completion collective (run
+    when the iterator is exhausted) has joined.
     """
     manifest = list(manifest)
     if direct_bytes is None:
         direct_bytes = direct_bytes_for(group.backend)
     buckets = plan_buckets(manifest, bucket_bytes, direct_bytes)
-    header = torch.zeros(4, dtype=torch.int64, device=group.device)
+    group.arrive_and_wait_go()
+    header = torch.zeros(5, dtype=torch.int64, device=group.device)
     _guard(group, "header", -1, lambda: group.broadcast(header, 0, "header"))
-    version, n_buckets, digest, _ = (int(x) for x in header.tolist())
-    _agree(group, n_buckets == len(buckets) and digest == manifest_digest(manifest), version)
+    version, n_buckets, digest, _, sent_bucket_bytes = (int(x) for x in header.tolist())
+    _agree(group, n_buckets == len(buckets) and digest == manifest_digest(manifest)
+           and sent_bucket_bytes == bucket_bytes, version)
+    # one broadcast per (bucket, byte offset, length): a bucket that fits is one piece
+    pieces = [(k, off, n) for k, b in enumerate(buckets) for off, n in wire_chunks(bucket_nbytes(b), bucket_bytes)]
+    buffers: Dict[int, torch.Tensor] = {}
 
-    def _post(k: int) -> Tuple[Any, torch.Tensor]:
-        flat = torch.empty(bucket_nbytes(buckets[k]), dtype=torch.uint8, device=group.device)
+    def _post(i: int) -> Tuple[Any, torch.Tensor]:
+        k, off, n = pieces[i]
+        if k not in buffers:
+            size = bucket_nbytes(buckets[k])
+            buffers[k] = torch.empty(size, dtype=torch.uint8,
+                                     device="cpu" if size > bucket_bytes else group.device)
+        full = buffers[k]
+        target = full[off:off + n] if full.device == group.device else \
+            torch.empty(n, dtype=torch.uint8, device=group.device)
         out: List[Any] = []
-        _guard(group, f"bucket {k}/{n_buckets}", version, lambda: out.append(group.broadcast_async(flat, 0)))
-        return out[0], flat
+        _guard(group, f"bucket {k}/{n_buckets}", version, lambda: out.append(group.broadcast_async(target, 0)))
+        return out[0], target
 
     def _iter() -> Iterator[Tuple[str, torch.Tensor]]:
         # Keep RECV_AHEAD receives posted, so the sender never waits for this side to post one
         # while the consumer loads an earlier bucket into the engine.
-        pending = collections.deque(_post(k) for k in range(min(RECV_AHEAD, len(buckets))))
-        for k, bucket in enumerate(buckets):
-            handle, flat = pending.popleft()
+        pending = collections.deque(_post(i) for i in range(min(RECV_AHEAD, len(pieces))))
+        for i, (k, off, n) in enumerate(pieces):
+            handle, target = pending.popleft()
             _guard(group, f"bucket {k}/{n_buckets}", version, lambda: group.wait(handle, f"bucket {k}"))
-            if k + RECV_AHEAD < len(buckets):
-                pending.append(_post(k + RECV_AHEAD))
-            yield from unpack(flat, bucket)
+            if i + RECV_AHEAD < len(pieces):
+                pending.append(_post(i + RECV_AHEAD))
+            full = buffers[k]
+            if full.device != group.device:  # a piece of a large tensor: to its host buffer
+                full[off:off + n].copy_(target)
+            if off + n == full.numel():
+                yield from unpack(buffers.pop(k), buckets[k])
         _complete(group, version)
 
     return version, _iter()
