@@ -3,7 +3,9 @@
 :class:`RewardPool` is a plain object the driver holds (or anyone: ``RewardPool(cfg.reward,
 max_new_tokens=...)`` inside a running Ray). ``score(items)`` cuts the batch into chunks and
 hands them to idle workers as they free up (so one slow chunk does not stall the batch); each
-worker verifies its chunk pipelined through its sandbox child. It returns one
+worker verifies its chunk pipelined through its sandbox child, after looking each (answer span,
+gold text) pair up in its verdict cache: a group of G samples repeats answers constantly, and
+the span leaves out the prose, so a repeat costs a dictionary lookup. It returns one
 :class:`~dispo_ray.scoring.ScoreResult` per item in input order. A worker that dies
 (``RayActorError``) or stops answering is killed, replaced, and its chunk re-queued; each chunk's
 results are written exactly once, so nothing is lost or duplicated.
@@ -24,21 +26,60 @@ from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
 
 from dispo_ray.placement import pin, wait_for_node_resource
 from dispo_ray.sandbox import Sandbox
-from dispo_ray.scoring import ScoreResult, finalize, prepare
+from dispo_ray.scoring import ANSWER_FORMATS, ScoreResult, finalize, prepare
+
+CACHE_SIZE = 65536  # verdicts kept per worker (a few MB): many steps of groups
+CACHEABLE = ("ok", "wrong", "no_answer")  # deterministic verdicts; a timeout may be load, not the answer
 
 _NEEDED = ("num_workers", "num_cpus_per_worker", "timeout_s", "memory_mb", "correct_reward",
            "wrong_reward", "format_reward", "overlong_buffer", "overlong_penalty",
            "max_answer_chars", "node_resource")
 
 
+class VerdictCache:
+    """Bounded LRU map ``(text to verify, gold text) -> reason``; ``size == 0`` turns it off
+    (every item is then verified, repeats included)."""
+
+    def __init__(self, size: int):
+        if size < 0:
+            raise ValueError(f"verdict cache size must be >= 0, got {size}")
+        self.size = int(size)
+        self._d: "collections.OrderedDict[Tuple[str, str], str]" = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: Tuple[str, str]) -> Optional[str]:
+        reason = self._d.get(key) if self.size else None
+        if reason is None:
+            self.misses += 1
+            return None
+        self._d.move_to_end(key)
+        self.hits += 1
+        return reason
+
+    def put(self, key: Tuple[str, str], reason: str) -> None:
+        if self.size and reason in CACHEABLE:
+            self._d[key] = reason
+            self._d.move_to_end(key)
+            if len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 @ray.remote(max_restarts=0, max_concurrency=1)
 class RewardWorker:
-    """One CPU actor: extraction and pre-filters here, math-verify in its sandbox child."""
+    """One CPU actor: extraction, pre-filters and the verdict cache here, math-verify in its
+    sandbox child."""
 
-    def __init__(self, reward_cfg: Any, max_new_tokens: int, sandbox_options: Dict[str, Any]):
+    def __init__(self, reward_cfg: Any, max_new_tokens: int, sandbox_options: Dict[str, Any],
+                 cache_size: int = CACHE_SIZE):
         self.cfg = reward_cfg
         self.max_new_tokens = int(max_new_tokens)
-        self.sandbox = Sandbox(reward_cfg.timeout_s, reward_cfg.memory_mb, **sandbox_options)
+        self.answer_format = getattr(reward_cfg, "answer_format", "boxed")
+        self.sandbox = Sandbox(reward_cfg.timeout_s, reward_cfg.memory_mb,
+                               answer_format=self.answer_format, **sandbox_options)
+        self.cache = VerdictCache(cache_size)
         self.scored = 0
 
     def ready(self) -> int:
@@ -49,18 +90,28 @@ class RewardWorker:
         for it in items:
             t0 = time.monotonic()
             try:
-                answer, gt, reason = prepare(it["response_text"], it["ground_truth"],
-                                             it["data_source"], self.cfg.max_answer_chars)
+                answer, text, gt, reason = prepare(it["response_text"], it["ground_truth"],
+                                                   it["data_source"], self.cfg.max_answer_chars,
+                                                   self.answer_format)
             except Exception:  # a bug in extraction must cost one item, not the batch
-                answer, gt, reason = None, "", "crashed"
-            prepared.append([answer, gt, reason, time.monotonic() - t0])
-        to_verify = [p for p in prepared if p[2] is None]
+                answer, text, gt, reason = None, None, "", "crashed"
+            if reason is None:
+                reason = self.cache.get((text, gt))
+            prepared.append([answer, (text, gt), reason, time.monotonic() - t0])
+        # each distinct pair once (repeats within the chunk share it, unless the cache is off)
+        waiting: Dict[Any, List[list]] = collections.defaultdict(list)
+        for i, p in enumerate(prepared):
+            if p[2] is None:
+                waiting[p[1] if self.cache.size else i].append(p)
+        keys = list(waiting)
         # one pipelined call for the chunk; each verify time excludes waiting for a new child
-        for p, (reason, verify_s) in zip(to_verify, self.sandbox.verify_many(
-                [(p[0], p[1]) for p in to_verify])):
-            p[2], p[3] = reason, p[3] + verify_s
+        for key, (reason, verify_s) in zip(keys, self.sandbox.verify_many(
+                [waiting[k][0][1] for k in keys])):
+            self.cache.put(waiting[key][0][1], reason)
+            for p in waiting[key]:
+                p[2], p[3] = reason, p[3] + verify_s
         out = []
-        for it, (answer, _gt, reason, elapsed) in zip(items, prepared):
+        for it, (answer, _key, reason, elapsed) in zip(items, prepared):
             res = finalize(reason, answer, it["response_length"], self.max_new_tokens, self.cfg)
             res.elapsed_s = elapsed
             out.append(res.to_dict())
@@ -69,7 +120,8 @@ class RewardWorker:
 
     def stats(self) -> Dict[str, Any]:
         s = self.sandbox.stats()
-        s.update(pid=os.getpid(), cwd=os.getcwd(), scored=self.scored)
+        s.update(pid=os.getpid(), cwd=os.getcwd(), scored=self.scored, cache_hits=self.cache.hits,
+                 cache_misses=self.cache.misses, cache_entries=len(self.cache))
         return s
 
     def close(self) -> None:
@@ -102,7 +154,8 @@ class RewardPool:
 
     def __init__(self, cfg: Any, max_new_tokens: int, *, num_workers: Optional[int] = None,
                  chunk_size: Optional[int] = None, sandbox_options: Optional[Dict[str, Any]] = None,
-                 max_chunk_retries: int = 3, start_timeout_s: float = 180.0):
+                 max_chunk_retries: int = 3, start_timeout_s: float = 180.0,
+                 cache_size: int = CACHE_SIZE):
         missing = [k for k in _NEEDED if not hasattr(cfg, k)]
         if missing:
             raise ValueError(f"RewardPool: reward config lacks {', '.join(missing)}")
@@ -110,13 +163,18 @@ class RewardPool:
         for key, ok, allowed in (("num_workers", n >= 1, ">= 1"),
                                  ("timeout_s", cfg.timeout_s > 0, "> 0"),
                                  ("memory_mb", cfg.memory_mb >= 64, ">= 64"),
-                                 ("max_answer_chars", cfg.max_answer_chars >= 1, ">= 1")):
+                                 ("max_answer_chars", cfg.max_answer_chars >= 1, ">= 1"),
+                                 ("answer_format", getattr(cfg, "answer_format", "boxed")
+                                  in ANSWER_FORMATS, "one of " + ", ".join(ANSWER_FORMATS))):
             if not ok:
                 raise ValueError(f"RewardPool: reward.{key} must be {allowed}")
         if max_new_tokens < 1:
             raise ValueError(f"RewardPool: max_new_tokens must be >= 1, got {max_new_tokens}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"RewardPool: chunk_size must be >= 1, got {chunk_size}")
+        if cache_size < 0:
+            raise ValueError(f"RewardPool: cache_size must be >= 0 (0 = off), got {cache_size}")
+        self.cache_size = int(cache_size)
         if not ray.is_initialized():
             raise RuntimeError("RewardPool: Ray is not initialized (call ray.init first)")
         self.cfg = cfg
@@ -134,7 +192,7 @@ class RewardPool:
     # ----------------------------------------------------------- workers
     def _spawn(self) -> Any:
         return RewardWorker.options(num_cpus=self.cfg.num_cpus_per_worker, resources=pin(self.cfg.node_resource)).remote(
-            self.cfg, self.max_new_tokens, self.sandbox_options)
+            self.cfg, self.max_new_tokens, self.sandbox_options, self.cache_size)
 
     def _replace(self, i: int) -> None:
         try:
@@ -233,6 +291,7 @@ class RewardPool:
                 "replaced": self.replaced, "workers": stats,
                 "timeouts": sum(s["timeouts"] for s in stats if s),
                 "crashes": sum(s["crashes"] for s in stats if s),
+                "cache_hits": sum(s["cache_hits"] for s in stats if s),
                 "stray_files": sum(s["stray_files"] + s["child_stray_files"] for s in stats if s)}
 
     @property

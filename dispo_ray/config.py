@@ -143,6 +143,7 @@ class RewardConfig:
     overlong_penalty: float = MISSING
     max_answer_chars: int = MISSING
     node_resource: Optional[str] = MISSING  # custom Ray resource of the nodes this pool may use
+    answer_format: str = MISSING  # boxed (the answer must be in a box) | any (math-verify's full extraction)
 
 
 @dataclass

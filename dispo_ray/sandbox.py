@@ -30,6 +30,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
+from dispo_ray.scoring import ANSWER_FORMATS
+
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 120.0  # a child must be ready within this (2 busy shared cores: be generous)
 # Jobs queued in the child's stdin pipe (64 KiB on Linux) stay well below its size, so a send
@@ -44,13 +46,14 @@ class SandboxError(RuntimeError):
 class _Child:
     """One verifier process and its pipes."""
 
-    def __init__(self, memory_mb: int, soft_timeout_s: float):
+    def __init__(self, memory_mb: int, soft_timeout_s: float, answer_format: str):
         self.workdir = tempfile.mkdtemp(prefix="dispo-verify-")
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "HOME")}
         env.update(PYTHONPATH=_PKG_ROOT, PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0",
                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispo_ray.sandbox", str(int(memory_mb)), repr(soft_timeout_s)],
+            [sys.executable, "-m", "dispo_ray.sandbox", str(int(memory_mb)), repr(soft_timeout_s),
+             answer_format],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             cwd=self.workdir, env=env, close_fds=True, start_new_session=True)
         self.send = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
@@ -96,16 +99,23 @@ class _Child:
 class Sandbox:
     """Verifies (answer, ground truth) pairs in a persistent child with a hard deadline.
 
-    ``verify`` returns ``(reason, elapsed_s)`` with reason in ``ok | wrong | timeout | crashed``;
-    it never raises for bad input and never waits much past ``timeout_s``.
+    ``verify`` returns ``(reason, elapsed_s)`` with reason in ``ok | wrong | timeout | crashed``
+    (and ``no_answer`` with ``answer_format="any"``: math-verify extracted nothing); it never
+    raises for bad input and never waits much past ``timeout_s``. The answer is an answer span
+    (or a bare answer) with ``answer_format="boxed"``, a whole response with ``"any"``; the
+    ground truth a gold text (:func:`dispo_ray.scoring.normalize_ground_truth`).
     """
 
     def __init__(self, timeout_s: float, memory_mb: int, spare: bool = True,
-                 soft_timeout: bool = True, window: int = 2):
+                 soft_timeout: bool = True, window: int = 2, answer_format: str = "boxed"):
         if timeout_s <= 0:
             raise ValueError(f"sandbox timeout_s must be > 0, got {timeout_s}")
         if memory_mb < 64:
             raise ValueError(f"sandbox memory_mb must be >= 64, got {memory_mb}")
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"sandbox answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
+                             f"got {answer_format!r}")
+        self.answer_format = answer_format
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.use_spare = spare
@@ -121,7 +131,7 @@ class Sandbox:
         self._spare: Optional[_Child] = self._new_child() if spare else None
 
     def _new_child(self) -> _Child:
-        return _Child(self.memory_mb, self.soft_timeout_s)
+        return _Child(self.memory_mb, self.soft_timeout_s, self.answer_format)
 
     def _replace(self) -> None:
         """Kill the current child and promote the spare (or start a fresh one)."""
@@ -273,7 +283,7 @@ class _SoftTimeout(BaseException):
     ``except Exception`` do not swallow it."""
 
 
-def _child_main(memory_mb: int, soft_timeout_s: float) -> None:
+def _child_main(memory_mb: int, soft_timeout_s: float, answer_format: str) -> None:
     import ctypes
     import logging
     import resource
@@ -289,7 +299,9 @@ def _child_main(memory_mb: int, soft_timeout_s: float) -> None:
         pass
     from dispo_ray.scoring import verify_answer
 
-    verify_answer("\\frac{1}{2}", "0.5")  # warm: pull in every lazy import before locking down
+    # warm: pull in every lazy import (both extraction paths) before locking down
+    verify_answer("\\frac{1}{2}", "$0.5$", answer_format)
+    verify_answer("so $x = \\boxed{1/2}$, i.e. 0.5", "$\\frac{1}{2}$", answer_format)
     logging.disable(logging.CRITICAL)
     limit = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -311,7 +323,7 @@ def _child_main(memory_mb: int, soft_timeout_s: float) -> None:
         try:
             try:
                 signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
-                reason = "ok" if verify_answer(answer, gt) else "wrong"
+                reason = verify_answer(answer, gt, answer_format)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _SoftTimeout:
@@ -324,4 +336,4 @@ def _child_main(memory_mb: int, soft_timeout_s: float) -> None:
 
 
 if __name__ == "__main__":
-    _child_main(int(sys.argv[1]), float(sys.argv[2]))
+    _child_main(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3])

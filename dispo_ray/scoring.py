@@ -5,12 +5,28 @@ The pipeline is split so that only :func:`verify_answer` ever hands untrusted te
 math-verify; the reward pool runs that one step inside :mod:`dispo_ray.sandbox` (a child process
 killed at a deadline). Everything else here is linear-time string work that is safe on any input.
 
+What is compared (``reward.answer_format``):
+  ``boxed`` (default) the answer must be in a box. This process finds the boxes math-verify
+            reads as one answer (the last box and the boxes chained to it by math-verify's own
+            rule: less than 10 characters apart, or less than 70 with ``and``/``or``/``,``/``;``
+            between) and cuts out their *answer span*: those boxes with the math environment
+            around them (``$..$``, ``$$..$$``, ``\\[..\\]``, ``\\(..\\)``) and a percent word right
+            after (``$\\boxed{28}$ pct``). The child runs math-verify's boxed-answer extraction on
+            the span, so several boxes become a set, ``k = 45`` a relation, ``\\text{}``, units,
+            intervals and matrices parse as math-verify parses them. GSM8K-style sources fall
+            back to ``#### n`` when there is no box.
+  ``any``   math-verify's full default extraction (LaTeX and plain expressions, ``answer:``
+            anchors, the last number) on the whole response; the pre-filters then run on the
+            whole response.
+Ground truths are parsed the way math-verify parses gold answers (:func:`normalize_ground_truth`).
+
 Reasons (``ScoreResult.reason``):
   ``ok``        the extracted answer equals the ground truth
   ``wrong``     an answer was extracted and does not match
-  ``no_answer`` no ``\\boxed{...}`` (nor ``#### n`` for GSM8K-style sources) in the response
-  ``too_long``  the answer is longer than ``max_answer_chars``, nested too deeply, or a numeric
-                literal too large to verify (e.g. an exponent tower): rejected before verification
+  ``no_answer`` no ``\\boxed{...}`` (nor ``#### n`` for GSM8K-style sources) in the response; with
+                ``answer_format=any``: math-verify extracted nothing
+  ``too_long``  the answer span is longer than ``max_answer_chars``, nested too deeply, or holds a
+                numeric literal too large to verify (e.g. an exponent tower): rejected unverified
   ``timeout``   verification passed the wall-clock deadline (child killed or soft timer fired)
   ``crashed``   the verifier raised or its process died
 Everything but ``ok`` scores ``wrong_reward``, so a bomb can never out-score a plain wrong answer.
@@ -22,7 +38,11 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from dispo_ray.answers import (answer_span, box_chain, extract_answer, extract_boxed,  # noqa: F401
+                               extract_gsm8k, find_boxes, is_gsm8k, normalize_ground_truth, shown_answer)
+
 REASONS = ("ok", "no_answer", "wrong", "timeout", "crashed", "too_long")
+ANSWER_FORMATS = ("boxed", "any")
 MAX_BRACE_DEPTH = 64  # deeper nesting makes the LaTeX parser crawl (3000 levels: ~16 s)
 MAX_LITERAL_DIGITS = 1e6  # integers beyond ~10^(10^6) make sympy's bigint work run for minutes
 
@@ -32,72 +52,12 @@ class ScoreResult:
     reward: float
     correct: bool
     reason: str
-    answer: Optional[str] = None  # extracted answer (cut to 200 chars), None if there was none
+    answer: Optional[str] = None  # the boxed answer (contents, ", "-joined, cut to 200 chars)
     overlong: float = 0.0  # the (non-positive) DAPO overlong term included in ``reward``
     elapsed_s: float = 0.0  # extraction + verification time in the worker (not a child's start)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-# ---------------------------------------------------------------- extraction
-_BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
-_GSM8K_ANSWER = re.compile(r"####\s*\$?\s*([-+]?[0-9][0-9,]*(?:\.[0-9]+)?)")
-
-
-def extract_boxed(text: str) -> Optional[str]:
-    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox{...}``), with real brace
-    matching (escaped ``\\{``/``\\}`` do not count). "Last" = latest start, so for nested boxes
-    the inner one wins. Linear time; an unclosed box is ignored."""
-    if "\\boxed" not in text and "\\fbox" not in text:
-        return None
-    stack: List[int] = []  # per open brace: start of the box content, or -1 for a plain brace
-    best: Optional[Tuple[int, int]] = None
-    for m in _BOX_TOKENS.finditer(text):
-        tok = m.group()
-        if tok[0] == "\\" and len(tok) == 2:  # \{ or \}: literal
-            continue
-        if tok == "}":
-            if stack:
-                start = stack.pop()
-                if start >= 0 and (best is None or start > best[0]):
-                    best = (start, m.start())
-        elif tok == "{":
-            stack.append(-1)
-        else:
-            stack.append(m.end())
-    return None if best is None else text[best[0]:best[1]].strip()
-
-
-def is_gsm8k(data_source: str) -> bool:
-    return "gsm8k" in (data_source or "").lower() or "gsm" == (data_source or "").lower()
-
-
-def extract_gsm8k(text: str) -> Optional[str]:
-    """The number after the last ``####`` (commas dropped), as in GSM8K solutions."""
-    found = _GSM8K_ANSWER.findall(text)
-    return found[-1].replace(",", "") if found else None
-
-
-def extract_answer(text: str, data_source: str = "") -> Optional[str]:
-    """Last boxed answer; for GSM8K-style sources fall back to ``#### n``."""
-    ans = extract_boxed(text)
-    if ans is None and is_gsm8k(data_source):
-        ans = extract_gsm8k(text)
-    return ans
-
-
-def normalize_ground_truth(gt: str, data_source: str = "") -> str:
-    """Ground truths arrive bare (``42``), boxed, or as a GSM8K solution ending in ``#### 42``."""
-    gt = str(gt).strip()
-    boxed = extract_boxed(gt)
-    if boxed is not None:
-        return boxed
-    if "####" in gt:
-        g = extract_gsm8k(gt)
-        if g is not None:
-            return g
-    return gt
 
 
 # ---------------------------------------------------------------- pre-filters
@@ -189,32 +149,75 @@ def prefilter(answer: str, max_answer_chars: int) -> Optional[str]:
 
 
 # ---------------------------------------------------------------- verification
-def verify_answer(answer: str, ground_truth: str) -> bool:
-    """math-verify comparison. UNTRUSTED ``answer``: call only inside the sandbox child (or on
-    trusted text). The answer is parsed as LaTeX only, never through sympy's ``parse_expr``
-    (which evaluates Python); timeouts are left to the caller (the sandbox)."""
-    from math_verify import LatexExtractionConfig, parse, verify
+_BOXED_ONLY = 25  # a priority no other math-verify pattern uses: picks out its boxed patterns
+_BOXED_TARGETS: Optional[list] = None
 
+
+def _boxed_targets() -> list:
+    """math-verify's boxed-answer patterns alone (a box inside a math environment with up to 5
+    more joined by ``,``/``and``/``or`` and a percent suffix, or a bare box), without its
+    ``final answer is``/``answer:`` anchors and plain-LaTeX fallbacks: the answer must be boxed.
+    Built once: math-verify caches only one regex set per config type."""
+    global _BOXED_TARGETS
+    if _BOXED_TARGETS is None:
+        from math_verify import LatexExtractionConfig
+        from math_verify.parser import get_extraction_regexes
+
+        cfg = LatexExtractionConfig(boxed_match_priority=_BOXED_ONLY)
+        ((patterns, target),) = get_extraction_regexes([cfg])
+        _BOXED_TARGETS = [([(p, q) for p, q in patterns if q == _BOXED_ONLY], target)]
+    return _BOXED_TARGETS
+
+
+def _extract(text: str, answer_format: str) -> list:
+    """math-verify's own extraction and parsing (``parse``'s defaults: first-match string
+    fallback, any-match mode), with its timeout left to the sandbox."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+    from math_verify.parser import extract_target_from_pred, get_extraction_regexes
+
+    targets = (_boxed_targets() if answer_format == "boxed" else
+               get_extraction_regexes([LatexExtractionConfig(), ExprExtractionConfig()]))
+    try:
+        return extract_target_from_pred(text, targets, fallback_mode="first_match",
+                                        extraction_mode="any_match")
+    except MemoryError:  # the sandbox recycles its child on this one
+        raise
+    except Exception:  # as math-verify's parse: malformed input extracts nothing
+        return []
+
+
+def verify_answer(answer: str, ground_truth: str, answer_format: str = "boxed") -> str:
+    """``ok`` / ``wrong`` / ``no_answer``: math-verify's verdict on ``answer`` (an answer span, or
+    with ``any`` a whole response) against the gold text. UNTRUSTED ``answer``: call only inside
+    the sandbox child (or on trusted text); timeouts are left to the caller (the sandbox). In
+    ``boxed`` mode only LaTeX is parsed; a bare answer (no box) counts as one box's content.
+    ``any`` also runs math-verify's plain-expression extraction, whose sympy ``parse_expr``
+    only ever sees digits and arithmetic operators (its regex admits nothing else)."""
+    from math_verify import verify
+
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+    if answer_format == "boxed" and "\\boxed" not in answer and "\\fbox" not in answer:
+        answer = "\\boxed{" + answer + "}"
     gold = _parse_gold(ground_truth)
-    pred = parse(f"${answer}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+    pred = _extract(answer, answer_format)
     if not pred:
-        return False
-    return bool(verify(gold, pred, timeout_seconds=None))
+        return "no_answer" if answer_format == "any" else "wrong"
+    return "ok" if verify(gold, pred, timeout_seconds=None) else "wrong"
 
 
 _GOLD_CACHE: Dict[str, Any] = {}
 
 
 def _parse_gold(gt: str) -> Any:
-    """Ground truths are trusted and repeat across a group of samples: parse once, cache."""
+    """Ground truths are trusted and repeat across a group of samples: math-verify's default
+    ``parse`` (LaTeX and plain expressions, every box), once per text, cached."""
     if gt not in _GOLD_CACHE:
-        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+        from math_verify import parse
 
         if len(_GOLD_CACHE) > 4096:
             _GOLD_CACHE.clear()
-        _GOLD_CACHE[gt] = parse(f"${gt}$", extraction_config=[LatexExtractionConfig(),
-                                                               ExprExtractionConfig()],
-                                parsing_timeout=None)
+        _GOLD_CACHE[gt] = parse(gt, parsing_timeout=None)
     return _GOLD_CACHE[gt]
 
 
@@ -233,7 +236,7 @@ def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float) 
 def finalize(reason: str, answer: Optional[str], response_length: int, max_length: int,
              cfg: Any) -> ScoreResult:
     """Turn a verification outcome into the reward: correct/wrong value, plus ``format_reward``
-    when an answer was extracted, plus the overlong term."""
+    when a boxed answer was extracted, plus the overlong term."""
     if reason not in REASONS:
         raise ValueError(f"unknown score reason {reason!r}: must be one of {', '.join(REASONS)}")
     correct = reason == "ok"
@@ -247,25 +250,43 @@ def finalize(reason: str, answer: Optional[str], response_length: int, max_lengt
                        overlong=over)
 
 
-def prepare(response_text: str, ground_truth: str, data_source: str,
-            max_answer_chars: int) -> Tuple[Optional[str], str, Optional[str]]:
-    """Extraction + pre-filters: ``(answer, normalized ground truth, early_reason)``; an
-    ``early_reason`` means no verification is needed."""
+def prepare(response_text: str, ground_truth: Any, data_source: str, max_answer_chars: int,
+            answer_format: str = "boxed"
+            ) -> Tuple[Optional[str], Optional[str], str, Optional[str]]:
+    """Extraction + pre-filters: ``(answer, text to verify, gold text, early_reason)``. ``answer``
+    is the boxed answer shown in results (None without a box); an ``early_reason`` means no
+    verification is needed. ``(text to verify, gold text)`` decides the verdict: a cache key."""
     if not isinstance(response_text, str):
         raise TypeError(f"response_text must be str, got {type(response_text).__name__}")
-    answer = extract_answer(response_text, data_source)
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
     gt = normalize_ground_truth(ground_truth, data_source)
-    if answer is None:
-        return None, gt, "no_answer"
-    if answer == "":
-        return answer, gt, "wrong"
-    return answer, gt, prefilter(answer, max_answer_chars)
+    chain = box_chain(response_text, find_boxes(response_text))
+    answer = shown_answer(response_text, chain)
+    if answer_format == "any":
+        if not response_text.strip():
+            return answer, None, gt, "no_answer"
+        return answer, response_text, gt, prefilter(response_text, float("inf"))
+    if chain:
+        start, end = answer_span(response_text, chain)
+        # math-verify reads \fbox only inside a \boxed match: name it \boxed so that it counts
+        text = response_text[start:end].replace("\\fbox", "\\boxed")
+    elif is_gsm8k(data_source) and extract_gsm8k(response_text) is not None:
+        answer = extract_gsm8k(response_text)
+        text = "\\boxed{" + answer + "}"
+    else:
+        return None, None, gt, "no_answer"
+    if not answer.replace(",", "").strip():  # only empty boxes
+        return answer, text, gt, "wrong"
+    return answer, text, gt, prefilter(text, max_answer_chars)
 
 
-def score_in_process(response_text: str, ground_truth: str, cfg: Any, max_length: int,
+def score_in_process(response_text: str, ground_truth: Any, cfg: Any, max_length: int,
                      data_source: str = "", response_length: int = 0) -> ScoreResult:
     """The whole pipeline in this process, WITHOUT a sandbox: for trusted text and tests only."""
-    answer, gt, early = prepare(response_text, ground_truth, data_source, cfg.max_answer_chars)
+    fmt = getattr(cfg, "answer_format", "boxed")
+    answer, text, gt, early = prepare(response_text, ground_truth, data_source,
+                                      cfg.max_answer_chars, fmt)
     if early is None:
-        early = "ok" if verify_answer(answer, gt) else "wrong"
+        early = verify_answer(text, gt, fmt)
     return finalize(early, answer, response_length, max_length, cfg)

@@ -131,6 +131,7 @@ def validate(c: Any) -> None:
            r.overlong_buffer, f"< generator.max_new_tokens={g.max_new_tokens}")
     _check(r.overlong_penalty >= 0, "reward.overlong_penalty", r.overlong_penalty, ">= 0")
     _check(r.max_answer_chars >= 1, "reward.max_answer_chars", r.max_answer_chars, ">= 1")
+    _check(r.answer_format in ("boxed", "any"), "reward.answer_format", r.answer_format, "one of boxed, any")
 
     tr = c.trainer
     _check(tr.total_steps >= 1, "trainer.total_steps", tr.total_steps, ">= 1")

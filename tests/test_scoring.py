@@ -7,8 +7,9 @@ import pytest
 
 from dispo_ray.config import compose
 from dispo_ray.sandbox import _audit
-from dispo_ray.scoring import (extract_answer, extract_boxed, finalize, normalize_ground_truth,
-                               overlong_penalty, prefilter, prepare, score_in_process)
+from dispo_ray.scoring import (answer_span, box_chain, extract_answer, extract_boxed, finalize,
+                               find_boxes, normalize_ground_truth, overlong_penalty, prefilter,
+                               prepare, score_in_process)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,38 @@ def test_different_answers_are_wrong(rcfg, answer, gt):
 
 
 def test_last_box_wins_and_nested_braces(rcfg):
-    text = r"first \boxed{7}, then \boxed{\frac{\sqrt{16}}{2}} final"
-    assert extract_boxed(text) == r"\frac{\sqrt{16}}{2}"
-    assert score(text, "2", rcfg).reason == "ok"
-    assert score(text, "7", rcfg).reason == "wrong"
+    far = r"first \boxed{7}. That guess fails the check in the second equation. Redo the algebra from the start: \boxed{\frac{\sqrt{16}}{2}} final"
+    assert extract_boxed(far) == r"\frac{\sqrt{16}}{2}"
+    assert extract_answer(far) == r"\frac{\sqrt{16}}{2}"
+    assert score(far, "2", rcfg).reason == "ok"
+    assert score(far, "7", rcfg).reason == "wrong"
+    # boxes close together are one answer (math-verify's rule): {7, 2}, neither 7 nor 2 alone
+    near = r"first \boxed{7}, then \boxed{\frac{\sqrt{16}}{2}} final"
+    assert extract_answer(near) == r"7, \frac{\sqrt{16}}{2}"
+    assert [score(near, g, rcfg).reason for g in ("2", "7", "7, 2", r"\{2, 7\}")] == [
+        "wrong", "wrong", "ok", "ok"]
+
+
+def test_box_chain_and_answer_span():
+    def span(text):
+        chain = box_chain(text, find_boxes(text))
+        s, e = answer_span(text, chain)
+        return text[s:e]
+
+    assert span(r"so $x = \boxed{3}$.") == r"$x = \boxed{3}$"  # the environment, not the prose
+    assert span(r"is $$\boxed{1}, \boxed{2}$$ ok") == r"$$\boxed{1}, \boxed{2}$$"
+    assert span(r"get \[ y = \boxed{4} \] and") == r"\[ y = \boxed{4} \]"
+    assert span(r"get \( \boxed{4} \) and") == r"\( \boxed{4} \)"
+    assert span(r"rate $\boxed{28}$ pct of") == r"$\boxed{28}$ pct"
+    assert span(r"$a$ then \boxed{5} $b$") == r"\boxed{5}"  # $..$ around, but not around the box
+    assert span(r"$y_1 = \boxed{3}$ and $y_2 = \boxed{5}$.") == r"$y_1 = \boxed{3}$ and $y_2 = \boxed{5}$"
+    # separators: < 10 characters, or < 70 with and/or/,/; and a different content
+    assert extract_answer(r"\boxed{1} then at last \boxed{2}") == "2"  # 14 characters, no separator
+    assert extract_answer(r"\boxed{1} and later, at last \boxed{2}") == "1, 2"
+    assert extract_answer(r"\boxed{2} and later, at last \boxed{2}") == "2"  # same content: not chained
+    assert extract_answer(r"\boxed{1}\boxed{1}\boxed{2}") == "1, 2"  # consecutive repeats dropped
+    assert extract_answer(r"\boxed{1} " + "x" * 80 + r", \boxed{2}") == "2"  # too far
+    assert box_chain("no box", []) == []
 
 
 def test_brace_matching_edge_cases():
@@ -71,10 +100,19 @@ def test_gsm8k_fallback_only_for_gsm8k_sources(rcfg):
     assert extract_answer(r"#### 5 ... \boxed{6}", "gsm8k") == "6"
 
 
-def test_ground_truth_normalisation():
-    assert normalize_ground_truth(r"\boxed{\frac12}") == r"\frac12"
-    assert normalize_ground_truth("blah blah\n#### 1,000") == "1000"
-    assert normalize_ground_truth("  17 ") == "17"
+def test_ground_truth_normalisation(rcfg):
+    # the gold text math-verify parses: boxed / delimited as is, #### as its number, plain in $..$
+    assert normalize_ground_truth(r"\boxed{\frac12}") == r"\boxed{\frac12}"
+    assert normalize_ground_truth(r"\boxed{1}\boxed{2}") == r"\boxed{1}\boxed{2}"
+    assert normalize_ground_truth(r"\(x = 2\)") == r"\(x = 2\)"
+    assert normalize_ground_truth("blah blah\n#### 1,000") == "$1000$"
+    assert normalize_ground_truth("  17 ") == "$17$"
+    assert normalize_ground_truth(r"\$5") == r"$\$5$"  # an escaped dollar is no delimiter
+    assert normalize_ground_truth(42) == "$42$"
+    # every box of a ground truth counts: {1, 2} is not 2
+    assert score(r"\boxed{2}", r"\boxed{1}\boxed{2}", rcfg).reason == "wrong"
+    assert score(r"\boxed{\{1, 2\}}", r"\boxed{1}\boxed{2}", rcfg).reason == "ok"
+    assert score(r"\boxed{0.5}", r"Half of it: $\frac{1}{2}$", rcfg).reason == "ok"
 
 
 def test_no_answer(rcfg):
@@ -121,9 +159,14 @@ def test_prefilter_rejects_bombs_but_not_big_honest_numbers(rcfg):
 
 
 def test_prepare_and_finalize_contracts(rcfg):
-    assert prepare("x \\boxed{3} y", "3", "", 1000) == ("3", "3", None)
+    assert prepare("x \\boxed{3} y", "3", "", 1000) == ("3", "\\boxed{3}", "$3$", None)
+    assert prepare("x \\boxed{3} y", "3", "", 1000, "any") == ("3", "x \\boxed{3} y", "$3$", None)
+    assert prepare("#### 7", "7", "gsm8k", 1000) == ("7", "\\boxed{7}", "$7$", None)
+    assert prepare("3", "3", "", 1000)[3] == "no_answer"
     with pytest.raises(TypeError, match="response_text must be str"):
         prepare(None, "3", "", 1000)
+    with pytest.raises(ValueError, match="answer_format must be one of boxed, any"):
+        prepare("x", "3", "", 1000, "latex")
     with pytest.raises(ValueError, match="unknown score reason"):
         finalize("maybe", "3", 0, 100, rcfg)
     for reason in ("timeout", "crashed"):  # never better than a wrong answer
