@@ -12,7 +12,6 @@ whose boundary we set by hand), so the reduced gradient is ``(1/W) * sum_r sum_k
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -23,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from actors.learner_sync import LearnerSyncMixin
 from dispo_ray.logprobs import causal_token_logprobs
 from dispo_ray.losses import get_policy_loss, merge_raw_metrics
 
@@ -112,7 +112,7 @@ def _local_param_fraction(lm: torch.nn.Module) -> float:
     return local / max(full, 1)
 
 
-class LearnerWorker:
+class LearnerWorker(LearnerSyncMixin):
     """One rank. Construct, then (all ranks concurrently) :meth:`setup` with rank 0's endpoint."""
 
     def __init__(self, cfg: Any, model_path: str, rank: int, world_size: int,
@@ -121,12 +121,19 @@ class LearnerWorker:
         self.ds_overrides = ds_config_overrides or {}
         self.engine = None
         self.sync_group = None
-        self.cuda = torch.cuda.is_available()
-        # The device decides the accelerator (a global DS_ACCELERATOR=cpu, as CI sets, must not
-        # pin a GPU actor to the CPU); DeepSpeed reads it on first use, after this point.
+        from dispo_ray.devices import sync_backend, uses_cuda
+        self._sync_backend = sync_backend(cfg)  # until the driver passes its decision
+        # What Ray granted decides the device, never what the process sees: Ray leaves
+        # CUDA_VISIBLE_DEVICES alone for a 0-GPU actor, so a CPU learner on a GPU node sees them all.
+        self.cuda = uses_cuda(cfg.learner.num_gpus_per_actor)
+        if self.cuda and not torch.cuda.is_available():
+            raise RuntimeError(f"learner rank {rank}: learner.num_gpus_per_actor > 0 but CUDA is not available")
+        if not self.cuda:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
+            torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_actor)))  # fractional actors
+        # a global DS_ACCELERATOR=cpu (as CI sets) must not pin a GPU actor to the CPU; DeepSpeed
+        # reads it on first use, after this point
         os.environ["DS_ACCELERATOR"] = "cuda" if self.cuda else "cpu"
-        if not self.cuda:  # fractional CPU actors: one thread each, no oversubscription
-            torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_actor)))
 
     # ------------------------------------------------------------------ world and engine
     def endpoint(self) -> tuple:
@@ -145,18 +152,21 @@ class LearnerWorker:
             raise RuntimeError(f"learner rank {self.rank}: DeepSpeed's accelerator is '{accel}' but this "
                                f"process has {'a GPU' if self.cuda else 'no GPU'}")
 
-        env = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(self.rank),
-               "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0" if self.cuda else str(self.rank)}
-        os.environ.update(env)
+        from dispo_ray.devices import assigned_cuda_index, learner_world_timeout_s
+        # the GPU Ray assigned (also under RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1, where
+        # every rank sees every GPU); DeepSpeed puts the engine on cuda:LOCAL_RANK
+        local = assigned_cuda_index() if self.cuda else self.rank
+        os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(self.rank),
+                           "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(local)})
         backend = "nccl" if self.cuda else "gloo"
         if self.cuda:
-            torch.cuda.set_device(0)  # Ray gives each actor its own CUDA_VISIBLE_DEVICES
+            torch.cuda.set_device(local)
         else:
             # DeepSpeed's CPU comm backend JIT-compiles a shared-memory op (~30 s) used only by
             # inference_all_reduce (tensor-parallel inference), which training never calls.
             from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
             deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-        timeout = timedelta(seconds=max(60.0, self.cfg.learner.sync_timeout_s))
+        timeout = timedelta(seconds=learner_world_timeout_s(self.cfg.learner.sync_timeout_s))
         torch.distributed.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
                                              rank=self.rank, world_size=self.world_size, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
@@ -270,30 +280,6 @@ class LearnerWorker:
         return {"mismatch_abs_sum": float(d.abs().sum()), "mismatch_kl_sum": float((d.exp() - 1 - d).sum()),
                 "mismatch_n": float(m.sum())}
 
-    # ------------------------------------------------------------------ gathering (ZeRO-3 aware)
-    def _gathered(self, names: Sequence[str]):
-        """Context in which the named parameters are whole on every rank (all ranks must enter)."""
-        import deepspeed
-        lookup = dict(self.named_params)
-        return deepspeed.zero.GatheredParameters([lookup[n] for n in names], modifier_rank=None,
-                                                 enabled=self.zero3)
-
-    def manifest(self):
-        """HF-named ParamSpecs in the dtype the generators hold (``model.dtype``)."""
-        from dispo_ray.weight_sync import ParamSpec
-        dtype = self.cfg.model.dtype
-        return [ParamSpec(n, tuple(getattr(p, "ds_shape", p.shape)), dtype) for n, p in self.named_params]
-
-    def _iter_buckets(self, bucket_bytes: int):
-        """Yield (bucket specs, whole tensors in manifest dtype) one bucket at a time; under ZeRO-3
-        only that bucket is gathered. Rank 0 gets the tensors, other ranks None (all must iterate)."""
-        from dispo_ray.weight_sync import direct_bytes_for, plan_buckets
-        lookup = dict(self.named_params)
-        # the same plan as the SyncSender's and every receiver's (they agree on the backend)
-        for bucket in plan_buckets(self.manifest(), bucket_bytes, direct_bytes_for(self.sync_backend)):
-            with self._gathered([s.name for s in bucket]):
-                yield bucket, ([lookup[s.name].data.to(s.torch_dtype) for s in bucket] if self.rank == 0 else None)
-
     def hf_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         """The full policy weights (HF names, CPU) on rank 0; None elsewhere. All ranks must call."""
         sd: Dict[str, torch.Tensor] = {}
@@ -342,53 +328,6 @@ class LearnerWorker:
                 shutil.copy2(src, os.path.join(path, f))
         torch.distributed.barrier()
         return path
-
-    # ------------------------------------------------------------------ weight sync (sender side)
-    def init_weight_sync(self, host: str, port: int, world_size: int) -> bool:
-        """Rank 0 joins the weight-sync group as its rank 0 (store master); other ranks do nothing."""
-        if self.rank != 0:
-            return False
-        from dispo_ray.weight_sync import WeightSyncGroup
-        self.sync_group = WeightSyncGroup(self.sync_backend, host, port, 0, world_size,
-                                          timeout_s=self.cfg.learner.sync_timeout_s)
-        return True
-
-    @property
-    def sync_backend(self) -> str:
-        return "nccl" if self.cuda else "gloo"
-
-    def close_weight_sync(self) -> None:
-        if self.sync_group is not None:
-            self.sync_group.close()
-            self.sync_group = None
-
-    def broadcast_weights(self, version: int) -> Optional[Dict[str, float]]:
-        """Every rank calls this; buckets are gathered one at a time (ZeRO-3) and rank 0 sends them.
-        A send failure on rank 0 is raised only after the loop, so the other ranks never hang in a
-        gather that rank 0 skipped."""
-        from dispo_ray.weight_sync import SyncSender
-        bucket_bytes = self.cfg.learner.sync_bucket_mb << 20
-        sender, error = None, None
-        if self.rank == 0:
-            if self.sync_group is None:
-                raise RuntimeError("broadcast_weights: call init_weight_sync first")
-            # ZeRO-1/2 parameters stay put during the sync, so unpacked ones may stay in flight;
-            # ZeRO-3 re-partitions each gathered bucket as soon as send_bucket returns
-            sender = SyncSender(self.sync_group, self.manifest(), bucket_bytes,
-                                stable=self.cfg.learner.zero_stage < 3)
-            try:
-                sender.begin(version)
-            except Exception as e:  # noqa: BLE001 - re-raised below
-                error = e
-        for _, tensors in self._iter_buckets(bucket_bytes):
-            if sender is not None and error is None:
-                try:
-                    sender.send_bucket(tensors)
-                except Exception as e:  # noqa: BLE001
-                    error = e
-        if error is not None:
-            raise error
-        return sender.end() if sender is not None else None
 
     def shutdown(self) -> None:
         self.close_weight_sync()

@@ -142,12 +142,17 @@ class LearnerGroup:
         import ray
         return ray.get(self.actors[0].endpoint.remote())
 
-    def init_weight_sync(self, host: str, port: int, world_size: int, wait: bool = True):
-        """Rank 0 joins the sync group (blocks until all generators join: pass ``wait=False`` to
-        get the ObjectRef and let the generators join concurrently)."""
+    def init_weight_sync(self, host: str, port: int, world_size: int, wait: bool = True,
+                         backend: Optional[str] = None):
+        """Rank 0 joins the sync group with ``backend`` (the driver's one decision,
+        :func:`dispo_ray.devices.sync_backend`; every rank keeps it for the bucket plan). Blocks
+        until all generators join: pass ``wait=False`` to get rank 0's ObjectRef and let the
+        generators join concurrently."""
         import ray
-        ref = self.actors[0].init_weight_sync.remote(host, port, world_size)
-        return ray.get(ref) if wait else ref
+        refs = [a.init_weight_sync.remote(host, port, world_size, backend) for a in self.actors]
+        if not wait:
+            return refs[0]  # the other ranks only record the backend (answered in call order)
+        return ray.get(refs)[0]
 
     def close_weight_sync(self) -> None:
         import ray

@@ -111,8 +111,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ weight sync
     def connect_weight_sync(self) -> None:
-        """Form the sync group: learner rank 0 (store host) + every generator worker."""
+        """Form the sync group: learner rank 0 (store host) + every generator worker, all with the
+        one backend :func:`dispo_ray.devices.sync_backend` decides; then watch its readiness."""
         import ray
+
+        from dispo_ray.devices import sync_backend
+        from dispo_ray.weight_sync import SyncGate
 
         cfg = self.cfg
         with self._sync_lock:
@@ -120,23 +124,31 @@ class Trainer:
             # answers nothing else until every rank has arrived.
             host, port = self.learners.weight_sync_endpoint()
             manifest = self.learners.weight_manifest()
-            backend = "nccl" if cfg.generator.num_gpus_per_actor > 0 else "gloo"
+            backend = sync_backend(cfg)
             world = self.generators.sync_world_size()
-            learner_ref = self.learners.init_weight_sync(host, port, world, wait=False)
+            learner_ref = self.learners.init_weight_sync(host, port, world, wait=False, backend=backend)
             gen_refs = self.generators.init_weight_sync(host, port, manifest, cfg.learner.sync_bucket_mb << 20,
                                                         cfg.learner.sync_timeout_s, backend)
             ray.get([learner_ref, *gen_refs], timeout=cfg.learner.sync_timeout_s + 60)
+            self._sync_gate = SyncGate(host, port, receivers=world - 1, timeout_s=cfg.learner.sync_timeout_s)
 
     def _broadcast(self, version: int) -> None:
         import ray
 
-        learner_refs = self.learners.broadcast_weights(version, wait=False)
         gen_refs = self.generators.update_weights()
         try:
+            # A generator's update may queue behind a long generate() (max_staleness >= 1): the
+            # learner (every rank, under ZeRO-3 they gather) starts only once every receiver is
+            # ready, so no sync deadline runs meanwhile. Without a deadline, but a receiver whose
+            # call already ended (it died) fails the wait.
+            self._sync_gate.wait_ready(failed=lambda: _raise_if_done(gen_refs))
+            learner_refs = self.learners.broadcast_weights(version, wait=False)
             ray.get(learner_refs)
             got = self.generators.wait_update(gen_refs)
-        except Exception:
-            # Close rank 0's side first so receivers blocked on it fail now, not at their timeout.
+        except Exception as e:
+            # Release receivers still waiting for the start, and close rank 0's side so receivers
+            # blocked on it fail now, not at their timeout.
+            self._sync_gate.abort(type(e).__name__)
             self.learners.close_weight_sync()
             for ref in gen_refs:
                 try:
@@ -316,6 +328,16 @@ class Trainer:
             obj = getattr(self, part, None)
             if obj is not None and hasattr(obj, "shutdown"):
                 obj.shutdown()
+
+
+def _raise_if_done(refs: List[Any]) -> None:
+    """A receiver's update cannot end before its sync has started: raise its error (or say so)."""
+    import ray
+
+    done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+    for ref in done:
+        ray.get(ref)  # raises the receiver's error
+        raise RuntimeError("weight sync: a generator finished its update before the sync started")
 
 
 def run(cfg: RootConfig) -> Dict[str, Any]:

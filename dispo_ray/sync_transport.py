@@ -127,7 +127,10 @@ class WeightSyncGroup:
     """A broadcast group of ``world_size`` processes; rank 0 hosts the store at ``host:port``."""
 
     def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int,
-                 timeout_s: float = 120.0, device: Optional[torch.device] = None):
+                 timeout_s: float = 120.0, device: Optional[torch.device] = None,
+                 join_timeout_s: Optional[float] = None):
+        """``timeout_s`` bounds every collective wait; ``join_timeout_s`` (default: the same)
+        bounds formation as a whole, including waiting for every rank to arrive."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
         self.backend, self.rank, self.world_size, self.timeout_s = backend, rank, world_size, timeout_s
@@ -145,8 +148,9 @@ class WeightSyncGroup:
             device = torch.device(device) if device is not None else torch.device("cuda", assigned_cuda_index())
             # an explicit index: tensors report one, and device equality decides zero-copy paths
             self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        join_s = float(join_timeout_s if join_timeout_s is not None else timeout_s)
         try:
-            run_with_deadline(lambda: self._form(host, port), timeout_s, "joining the group")
+            run_with_deadline(lambda: self._form(host, port, join_s), join_s, "joining the group")
         except Exception as e:
             with self._lock:
                 self._abandoned = True
@@ -154,14 +158,14 @@ class WeightSyncGroup:
             raise WeightSyncError(f"weight sync: joining the group failed on {self.peer}: {e}") from e
 
     # ------------------------------------------------------------------ formation / teardown
-    def _form(self, host: str, port: int) -> None:
-        store = _store(host, port, self.rank, self.world_size, self.timeout_s)
+    def _form(self, host: str, port: int, join_s: float) -> None:
+        store = _store(host, port, self.rank, self.world_size, join_s)
         with self._lock:
             self._store = store
-        _handshake(store, self.backend, self.rank, self.world_size, self.timeout_s)
+        _handshake(store, self.backend, self.rank, self.world_size, join_s)
         if self.backend == "gloo":
             pg = torch.distributed.ProcessGroupGloo(store, self.rank, self.world_size,
-                                                    timedelta(seconds=self.timeout_s))
+                                                    timedelta(seconds=self.timeout_s))  # per collective
             with self._lock:
                 self._pg = pg
             return
@@ -247,7 +251,7 @@ class WeightSyncGroup:
         except Exception as e:
             self.abort(f"{what}: {e}")
             raise
-        if self.backend == "nccl":  # consumers of the buffer run after the collective
+        if self.device.type == "cuda":  # consumers of the buffer run after the collective
             torch.cuda.current_stream(self.device).wait_event(handle.event)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, what: str = "broadcast") -> None:
@@ -329,12 +333,13 @@ class SyncGate:
 
     def wait_ready(self, failed: Optional[Callable[[], None]] = None) -> int:
         """Block (no deadline) until every receiver is ready for the next sync; its number."""
-        seq, self.seq = self.seq, self.seq + 1
-        wait_ready(self._store, seq, self.receivers, None, failed)
-        return seq
+        self.seq += 1
+        wait_ready(self._store, self.seq - 1, self.receivers, None, failed)
+        return self.seq - 1
 
-    def abort(self, seq: int, reason: str) -> None:
+    def abort(self, reason: str) -> None:
+        """Abort the sync last waited for: receivers still waiting for its start fail at once."""
         try:
-            self._store.set(f"go/{seq}", f"abort: {reason}")
+            self._store.set(f"go/{self.seq - 1}", f"abort: {reason}")
         except Exception:  # noqa: BLE001 - the store is gone: receivers notice that themselves
             pass

@@ -179,3 +179,137 @@ def test_join_timeout_when_no_peer_arrives():
     with pytest.raises(WeightSyncError, match="joining the group failed"):
         WeightSyncGroup("gloo", "127.0.0.1", find_free_port(), 0, 2, timeout_s=2)
     assert time.monotonic() - t0 < 15
+
+
+# ------------------------------------------------------------------ GPU-path logic, through gloo
+def test_one_backend_decision_and_device_choice():
+    from types import SimpleNamespace as NS
+
+    from dispo_ray.devices import cuda_index_of, learner_world_timeout_s, sync_backend
+    cfg = lambda lg, gg: NS(learner=NS(num_gpus_per_actor=lg), generator=NS(num_gpus_per_actor=gg))  # noqa: E731
+    assert sync_backend(cfg(1, 1)) == "nccl" and sync_backend(cfg(0, 0)) == "gloo"
+    assert sync_backend(cfg(0, 1)) == "gloo" and sync_backend(cfg(1, 0)) == "gloo"  # one CUDA side: host staging
+    assert cuda_index_of(3, "3") == 0  # Ray narrowed CUDA_VISIBLE_DEVICES (its default)
+    assert cuda_index_of("5", "4,5,6") == 1  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1
+    assert cuda_index_of(2, None) == 2
+    with pytest.raises(RuntimeError, match="not in CUDA_VISIBLE_DEVICES"):
+        cuda_index_of(7, "0,1")
+    for t in (1, 120, 600):  # ZeRO-3 ranks waiting in a gather outlast rank 0's sync deadline
+        assert learner_world_timeout_s(t) > t + 30
+
+
+def _join(port, backend, q):
+    try:  # an explicit device: nothing touches CUDA before the handshake refuses the pairing
+        WeightSyncGroup(backend, "127.0.0.1", port, 1, 2, timeout_s=5, device=torch.device("cuda", 0))
+        q.put("joined")
+    except Exception as e:
+        q.put(f"{type(e).__name__}: {e}")
+
+
+def test_backend_mismatch_fails_at_formation_with_one_line_on_both_sides():
+    port, q = find_free_port(), CTX.Queue()
+    p = CTX.Process(target=_join, args=(port, "nccl", q))
+    p.start()
+    with pytest.raises(WeightSyncError, match="backend mismatch: rank 0 speaks gloo, rank 1 speaks nccl") as err:
+        WeightSyncGroup("gloo", "127.0.0.1", port, 0, 2, timeout_s=5, join_timeout_s=60)
+    other = q.get(timeout=60)
+    p.join(timeout=30)
+    assert "\n" not in str(err.value)
+    assert other.startswith("WeightSyncError") and "rank 1 speaks nccl, rank 0 speaks gloo" in other
+
+
+def test_disabled_communicator_is_refused():
+    from types import SimpleNamespace as NS
+
+    from dispo_ray.sync_transport import check_communicator
+    with pytest.raises(WeightSyncError, match="disabled .*VLLM_DISABLE_PYNCCL"):
+        check_communicator(NS(disabled=True), 3)
+    check_communicator(NS(disabled=False), 3)
+    check_communicator(NS(disabled=True), 1)  # a world of one moves nothing anyway
+
+
+class _Event:
+    def __init__(self, done):
+        self.done = done
+
+    def query(self):
+        return self.done
+
+
+def test_nccl_handle_waits_for_its_own_collective_only_and_a_timeout_breaks_the_group():
+    import threading
+
+    from dispo_ray.sync_transport import _NcclWork
+    g = WeightSyncGroup.__new__(WeightSyncGroup)  # the NCCL wait logic without a GPU
+    g.backend, g.timeout_s, g.peer, g.device = "nccl", 0.3, "rank 0/2", torch.device("cpu")
+    g._broken, g._lock, g._comm, g._pg, g._store, g._staging = None, threading.Lock(), None, None, None, {}
+    first, later = _NcclWork(_Event(True)), _NcclWork(_Event(False))  # bucket k done, k+1 still running
+    t0 = time.monotonic()
+    g.wait(first, "bucket 0")
+    assert time.monotonic() - t0 < 0.1
+    with pytest.raises(TimeoutError, match="bucket 1 timed out"):
+        g.wait(later, "bucket 1")
+    with pytest.raises(WeightSyncError, match="unusable .*bucket 1"):
+        g.wait(first, "bucket 2")
+
+
+def test_formation_deadline_bounds_a_call_that_never_returns():
+    from dispo_ray.sync_transport import run_with_deadline
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="ncclCommInitRank did not finish within 0.5s"):
+        run_with_deadline(lambda: time.sleep(60), 0.5, "ncclCommInitRank")
+    assert time.monotonic() - t0 < 2
+    assert run_with_deadline(lambda: 7, 5, "quick") == 7
+
+
+def _late_receiver(port, rank, world, busy_s, q):
+    group = WeightSyncGroup("gloo", "127.0.0.1", port, rank, world, timeout_s=1, join_timeout_s=60)
+    time.sleep(busy_s)  # a long generation before update_weights runs
+    version, it = receive_weights(group, make_manifest(_tensors().items()), 1024)
+    q.put((rank, version, {n: t.clone() for n, t in it}))
+
+
+def test_no_sync_deadline_runs_while_a_receiver_is_still_busy():
+    # sync timeout 1 s; receiver 2 starts receiving 3 s after receiver 1: neither the sender nor
+    # the early receiver may time out meanwhile, and a later sync is unaffected
+    port, q = find_free_port(), CTX.Queue()
+    procs = [CTX.Process(target=_late_receiver, args=(port, r, 3, busy, q)) for r, busy in ((1, 0.0), (2, 3.0))]
+    for p in procs:
+        p.start()
+    ts = _tensors()
+    group = WeightSyncGroup("gloo", "127.0.0.1", port, 0, 3, timeout_s=1, join_timeout_s=60)
+    t0 = time.monotonic()
+    stats = send_weights(group, make_manifest(ts.items()), ts, 1024, version=5)
+    waited = time.monotonic() - t0
+    got = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert waited > 2.5 and stats["sync/seconds"] < 1  # the wait was readiness, not a collective
+    for _, version, out in got:
+        assert version == 5 and all(torch.equal(out[k], ts[k]) for k in ts)
+
+
+def _aborted_receiver(port, q):
+    group = WeightSyncGroup("gloo", "127.0.0.1", port, 1, 2, timeout_s=1, join_timeout_s=60)
+    t0 = time.monotonic()
+    try:
+        receive_weights(group, make_manifest(_tensors().items()), 1024)
+        q.put("received")
+    except WeightSyncError as e:
+        q.put((str(e), time.monotonic() - t0))
+
+
+def test_driver_gate_sees_readiness_and_its_abort_releases_waiting_receivers():
+    from dispo_ray.weight_sync import SyncGate
+    port, q = find_free_port(), CTX.Queue()
+    p = CTX.Process(target=_aborted_receiver, args=(port, q))
+    p.start()
+    group = WeightSyncGroup("gloo", "127.0.0.1", port, 0, 2, timeout_s=1, join_timeout_s=60)
+    gate = SyncGate("127.0.0.1", port, receivers=1)
+    assert gate.wait_ready() == 0  # the receiver is waiting for the start (longer than its timeout)
+    time.sleep(1.5)
+    gate.abort("learner failed")
+    msg, waited = q.get(timeout=30)
+    p.join(timeout=30)
+    assert "aborted before it started (abort: learner failed)" in msg and waited > 1.4
+    group.close()
