@@ -54,6 +54,7 @@ algorithm.eps_high_neg={{ $v.dispo.epsHighNeg }}
 {{- with $v.model.path }}
 model.path={{ . | quote }}
 {{- end }}
+model.dtype={{ $v.model.dtype }}
 {{- with $v.data.trainFiles }}
 data.train_files={{ toJson . }}
 {{- end }}
