@@ -3,7 +3,9 @@
 Runs the hf backend on CUDA, and the vLLM backend (CUDA build) when it imports, on the tiny model:
 samples grouped and versioned, log-probs agreeing with a transformers forward pass, and a weight
 broadcast (this process as rank 0) landing in the running engine, over gloo (received on CPU,
-copied into the GPU weights). NCCL needs the sender and each engine on different GPUs. Run alone: ``pytest -q tests/gpu -m gpu -s``.
+copied into the GPU weights). The NCCL path is checked by test_gpu_weight_sync.py (one GPU, two
+processes with distinct NCCL_HOSTID) and test_gpu_trainer_sync.py (learner and engines on their
+own GPUs). All GPU checks in one command: ``tests/gpu/run.sh``.
 """
 from __future__ import annotations
 
