@@ -211,3 +211,47 @@ def test_guided_chunks_shrink_towards_the_end_and_cover_the_batch_once():
     # remaining 100 with 2 workers: ceil(100 / 4) = 25
     assert RewardPool._cut(me, collections.deque([(1900, 2000)]), 2) == (1900, 1925)
     assert RewardPool._cut(SimpleNamespace(chunk_size=7), collections.deque([(0, 5)]), 2) == (0, 5)
+
+
+def test_verdict_cache_is_a_bounded_lru_of_deterministic_verdicts():
+    from actors.reward_pool import VerdictCache
+
+    c = VerdictCache(2)
+    c.put(("a", "1"), "ok")
+    c.put(("b", "1"), "wrong")
+    assert c.get(("a", "1")) == "ok"  # a is now the most recent
+    c.put(("c", "1"), "no_answer")  # evicts b, the least recently used
+    assert (c.get(("b", "1")), c.get(("a", "1")), c.get(("c", "1"))) == (None, "ok", "no_answer")
+    for reason in ("timeout", "crashed", "too_long"):  # a deadline may be load, not the answer
+        c.put(("d", "1"), reason)
+        assert c.get(("d", "1")) is None
+    assert (c.hits, len(c)) == (3, 2)
+    off = VerdictCache(0)
+    off.put(("a", "1"), "ok")
+    assert off.get(("a", "1")) is None and len(off) == 0
+    with pytest.raises(ValueError, match="verdict cache size must be >= 0"):
+        VerdictCache(-1)
+
+
+def test_pool_cache_serves_repeats_and_never_keeps_a_timeout(pool_factory):
+    pool = pool_factory([f"reward.timeout_s={TIMEOUT_S}", "reward.num_workers=1"], chunk_size=64)
+    # a group of 8 samples: three ways of writing the right answer (the prose differs, the
+    # answer span does not), two wrong ones, and a bomb twice
+    right = [r"Adding, we find $\boxed{\frac{1}{2}}$.", r"Hence $\boxed{\frac{1}{2}}$.",
+             r"So the answer is \boxed{0.5}"]
+    group = [right[0], right[1], right[2], right[2], r"so $\boxed{\frac{1}{3}}$", r"so $\boxed{\frac{1}{3}}$",
+             EVADERS[0], EVADERS[0]]
+    items = [{"response_text": t, "ground_truth": "0.5"} for t in group]
+    expected = ["ok"] * 4 + ["wrong", "wrong", "timeout", "timeout"]
+    assert [r.reason for r in pool.score(items)] == expected
+    h = pool.health()
+    # spans: $\boxed{\frac{1}{2}}$ (twice), \boxed{0.5} (twice), the wrong one (twice), the bomb
+    # (twice): four verifications, the repeats shared within the chunk; one deadline, not two
+    assert (h["cache_hits"], h["timeouts"], h["workers"][0]["verified"]) == (0, 1, 4)
+    again = pool.score(items)
+    assert [r.reason for r in again] == expected
+    h = pool.health()
+    assert h["cache_hits"] == 6 and h["timeouts"] == 2  # the bomb was verified (and killed) again
+    assert all(r.elapsed_s < 0.5 for r in again[:6])
+    with pytest.raises(ValueError, match="cache_size must be >= 0"):
+        pool_factory(["reward.num_workers=1"], cache_size=-1)
