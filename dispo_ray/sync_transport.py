@@ -38,7 +38,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-_POLL_S = 0.01  # store polling interval of the readiness gate (latency it adds to a sync)
+_POLL_S = 0.01  # longest store polling interval of the readiness gate (latency it adds to a sync)
+
+
+def _backoff(sleep_s: float) -> float:
+    """Sleep, then the next interval: from 0.5 ms up to _POLL_S, so an idle receiver costs a sync
+    well under a millisecond while one behind a minutes-long generation polls 100 times a second."""
+    time.sleep(sleep_s)
+    return min(_POLL_S, sleep_s * 2)
 
 
 class WeightSyncError(RuntimeError):
@@ -276,9 +283,9 @@ class WeightSyncGroup:
         seq, self.syncs = self.syncs, self.syncs + 1
         try:
             self._store.add(f"ready/{seq}", 1)
-            key = f"go/{seq}"
+            key, pause = f"go/{seq}", 0.0005
             while not self._store.check([key]):
-                time.sleep(_POLL_S)
+                pause = _backoff(pause)
             signal = self._store.get(key).decode()
         except Exception as e:  # the store (rank 0) went away
             self.abort(f"readiness: {e}")
@@ -310,7 +317,7 @@ def wait_ready(store: Any, seq: int, receivers: int, timeout_s: Optional[float],
     """Block until ``receivers`` ranks declared sync ``seq`` ready; ``failed()`` (called every
     ``check_every_s``) may raise to give up, e.g. when a receiver's call already ended in error."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    next_check = time.monotonic()
+    next_check, pause = time.monotonic(), 0.0005
     while store.add(f"ready/{seq}", 0) < receivers:
         now = time.monotonic()
         if deadline is not None and now > deadline:
@@ -319,7 +326,7 @@ def wait_ready(store: Any, seq: int, receivers: int, timeout_s: Optional[float],
         if failed is not None and now >= next_check:
             failed()
             next_check = now + check_every_s
-        time.sleep(_POLL_S)
+        pause = _backoff(pause)
 
 
 class SyncGate:

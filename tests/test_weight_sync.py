@@ -1,6 +1,7 @@
 """The bucketed weight-sync protocol over a real gloo group between processes."""
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import time
 
@@ -12,6 +13,18 @@ from dispo_ray.weight_sync import (ParamSpec, SyncSender, WeightSyncError, Weigh
                                    send_weights, unpack)
 
 CTX = mp.get_context("spawn")
+
+
+def _put(q, obj):
+    """Results cross as bytes: a tensor put on a torch queue is shared through a file descriptor
+    that vanishes when the child exits, possibly before the parent unpickles it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    q.put(buf.getvalue())
+
+
+def _get(q, timeout):
+    return torch.load(io.BytesIO(q.get(timeout=timeout)), weights_only=False)
 
 
 def _tensors(seed=0):
@@ -36,9 +49,9 @@ def _receiver(port, rank, world, bucket_bytes, q, drop_last=False, die_after=Non
                 import os
                 os._exit(1)  # a peer dying mid-sync
             out[name] = t.clone()
-        q.put(("ok", version, out))
+        _put(q, ("ok", version, out))
     except Exception as e:  # report the error text to the test
-        q.put(("error", type(e).__name__, str(e)))
+        _put(q, ("error", type(e).__name__, str(e)))
 
 
 def test_plan_pack_unpack_roundtrip_alignment():
@@ -75,7 +88,7 @@ def test_broadcast_to_two_receivers_is_bit_exact(bucket_bytes, direct_bytes):
     group = WeightSyncGroup("gloo", "127.0.0.1", port, 0, 3, timeout_s=30)
     stats = send_weights(group, make_manifest(ts.items()), ts, bucket_bytes, version=11,
                          direct_bytes=direct_bytes)
-    results = [q.get(timeout=60) for _ in procs]
+    results = [_get(q, timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=30)
     expected_buckets = len(plan_buckets(make_manifest(ts.items()), bucket_bytes, direct_bytes or 0))
@@ -92,7 +105,7 @@ def _multi_receiver(port, rank, world, bucket_bytes, rounds, q):
     specs = make_manifest(_tensors().items())
     for _ in range(rounds):
         version, it = receive_weights(group, specs, bucket_bytes)
-        q.put((version, {name: t.clone() for name, t in it}))
+        _put(q, (version, {name: t.clone() for name, t in it}))
 
 
 def test_successive_syncs_reuse_staging_without_stale_bytes():
@@ -105,7 +118,7 @@ def test_successive_syncs_reuse_staging_without_stale_bytes():
     sent = {v: _tensors(seed=v) for v in (5, 6, 7)}
     for v, ts in sent.items():
         send_weights(group, make_manifest(ts.items()), ts, 4096, version=v)
-    got = [q.get(timeout=60) for _ in sent]
+    got = [_get(q, timeout=60) for _ in sent]
     proc.join(timeout=30)
     staging = group._staging
     assert set(staging) == {0, 1} and all(b.numel() <= 4096 for b in staging.values())
@@ -139,7 +152,7 @@ def test_unstable_sender_puts_each_unpacked_tensor_on_the_wire_before_returning(
         for t in tensors:
             t.fill_(0)
     sender.end()
-    status, version, out = q.get(timeout=60)
+    status, version, out = _get(q, timeout=60)
     proc.join(timeout=30)
     assert status == "ok" and version == 9
     for k in sent:
@@ -154,7 +167,7 @@ def test_manifest_mismatch_fails_loudly_on_both_sides():
     group = WeightSyncGroup("gloo", "127.0.0.1", port, 0, 2, timeout_s=30)
     with pytest.raises(WeightSyncError, match="manifests differ"):
         send_weights(group, make_manifest(ts.items()), ts, 1 << 20, version=3)
-    status, kind, msg = q.get(timeout=30)
+    status, kind, msg = _get(q, timeout=30)
     p.join(timeout=30)
     assert status == "error" and kind == "WeightSyncError" and "manifests differ" in msg
 
@@ -201,9 +214,9 @@ def test_one_backend_decision_and_device_choice():
 def _join(port, backend, q):
     try:  # an explicit device: nothing touches CUDA before the handshake refuses the pairing
         WeightSyncGroup(backend, "127.0.0.1", port, 1, 2, timeout_s=5, device=torch.device("cuda", 0))
-        q.put("joined")
+        _put(q, "joined")
     except Exception as e:
-        q.put(f"{type(e).__name__}: {e}")
+        _put(q, f"{type(e).__name__}: {e}")
 
 
 def test_backend_mismatch_fails_at_formation_with_one_line_on_both_sides():
@@ -212,7 +225,7 @@ def test_backend_mismatch_fails_at_formation_with_one_line_on_both_sides():
     p.start()
     with pytest.raises(WeightSyncError, match="backend mismatch: rank 0 speaks gloo, rank 1 speaks nccl") as err:
         WeightSyncGroup("gloo", "127.0.0.1", port, 0, 2, timeout_s=5, join_timeout_s=60)
-    other = q.get(timeout=60)
+    other = _get(q, timeout=60)
     p.join(timeout=30)
     assert "\n" not in str(err.value)
     assert other.startswith("WeightSyncError") and "rank 1 speaks nccl, rank 0 speaks gloo" in other
@@ -266,7 +279,7 @@ def _late_receiver(port, rank, world, busy_s, q):
     group = WeightSyncGroup("gloo", "127.0.0.1", port, rank, world, timeout_s=1, join_timeout_s=60)
     time.sleep(busy_s)  # a long generation before update_weights runs
     version, it = receive_weights(group, make_manifest(_tensors().items()), 1024)
-    q.put((rank, version, {n: t.clone() for n, t in it}))
+    _put(q, (rank, version, {n: t.clone() for n, t in it}))
 
 
 def test_no_sync_deadline_runs_while_a_receiver_is_still_busy():
@@ -281,7 +294,7 @@ def test_no_sync_deadline_runs_while_a_receiver_is_still_busy():
     t0 = time.monotonic()
     stats = send_weights(group, make_manifest(ts.items()), ts, 1024, version=5)
     waited = time.monotonic() - t0
-    got = [q.get(timeout=60) for _ in procs]
+    got = [_get(q, timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=30)
     assert waited > 2.5 and stats["sync/seconds"] < 1  # the wait was readiness, not a collective
@@ -294,9 +307,9 @@ def _aborted_receiver(port, q):
     t0 = time.monotonic()
     try:
         receive_weights(group, make_manifest(_tensors().items()), 1024)
-        q.put("received")
+        _put(q, "received")
     except WeightSyncError as e:
-        q.put((str(e), time.monotonic() - t0))
+        _put(q, (str(e), time.monotonic() - t0))
 
 
 def test_driver_gate_sees_readiness_and_its_abort_releases_waiting_receivers():
@@ -309,7 +322,7 @@ def test_driver_gate_sees_readiness_and_its_abort_releases_waiting_receivers():
     assert gate.wait_ready() == 0  # the receiver is waiting for the start (longer than its timeout)
     time.sleep(1.5)
     gate.abort("learner failed")
-    msg, waited = q.get(timeout=30)
+    msg, waited = _get(q, timeout=30)
     p.join(timeout=30)
     assert "aborted before it started (abort: learner failed)" in msg and waited > 1.4
     group.close()
