@@ -85,8 +85,11 @@ def test_agreement_with_math_verify_on_boxed_cases(scored):
              if c.get("format", "boxed") == "boxed" and ("\\boxed" in c["response"] or "\\fbox" in c["response"])]
     agree = sum(ours == oracle for _, ours, oracle in boxed)
     assert len(boxed) >= 120
-    # the one known difference: math-verify's regexes find no lone \fbox (its normaliser reads it)
-    assert [c["response"] for c, ours, oracle in boxed if ours != oracle] == [r"Thus \fbox{12} is the count."]
+    # the known differences, both math-verify false negatives: its regexes find no lone \fbox (its
+    # normaliser reads it), and a box whose LaTeX fails to parse (``20 \%`` under antlr 4.9) is
+    # read for its number only after an ``I hope`` anchor
+    differ = [c["response"] for c, ours, oracle in boxed if ours != oracle]
+    assert differ == ["So\n$$\nx = \\frac{1}{5} = \\boxed{20 \\%}.\n$$", r"Thus \fbox{12} is the count."]
     assert agree / len(boxed) >= 0.98, (agree, len(boxed))
     right = [(ours, c["expect"]) for c, ours, oracle in boxed if oracle == c["expect"]]
     assert all(ours == expect for ours, expect in right)  # where math-verify is right, so are we
