@@ -7,6 +7,15 @@ was drawn from (see ``actors.backends.base``). Weight updates run inside the eng
 through ``actors.vllm_worker_ext`` (``worker_extension_cls``), without restarting the engine.
 Tensor parallelism uses vLLM's own executor; with ``tensor_parallel_size > 1`` it is the Ray
 executor, which places its workers in the placement group the actor was scheduled into.
+
+CPU build, per-request seeds: vLLM 0.32 rewinds a seeded request's ``torch.Generator`` with
+``set_offset`` whenever it discards the token sampled after a *partial* (chunked) prefill
+(``GPUModelRunner._bookkeeping_sync``); a CPU generator (mt19937) has no offset, so the worker dies
+with "CPU Generator does not use offset" as soon as one step's prompts exceed
+``max_num_batched_tokens``. On CPU the engine therefore runs without chunked prefill and with a
+token budget of at least one whole sequence: a prefill is always scheduled whole, nothing is ever
+discarded, and seeds and sampled-token log-probs stay as they are. CUDA generators support
+offsets, so GPU engines keep vLLM's chunked prefill.
 """
 from __future__ import annotations
 
@@ -16,6 +25,13 @@ from typing import Any, List, Sequence
 from actors.backends.base import Completion, SamplingSpec, manifest_to_wire
 
 EXTENSION = "actors.vllm_worker_ext.WeightSyncWorkerExtension"
+CPU_MIN_BATCHED_TOKENS = 4096  # vLLM's own default budget on CPU
+
+
+def cpu_scheduler_args(max_model_len: int) -> dict:
+    """Engine arguments that keep every prefill whole on the CPU build (see the module docstring)."""
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(int(max_model_len), CPU_MIN_BATCHED_TOKENS)}
 
 
 class VLLMBackend:
@@ -30,6 +46,7 @@ class VLLMBackend:
         tp = int(gen_cfg.tensor_parallel_size)
         # CPU: keep linear weights plain so a sync is a cheap in-place load (actors.vllm_worker_ext)
         cpu_plain = current_platform.is_cpu() and not bool(gen_cfg.cpu_packed_weights)
+        scheduler = cpu_scheduler_args(max_model_len) if current_platform.is_cpu() else {}
         self.weight_update = "not connected"  # how a sync loads: load_weights | reload_weights
         self.sync_ranks = tp  # every TP worker is a rank of the weight-sync group
         self.llm = LLM(
@@ -39,7 +56,7 @@ class VLLMBackend:
             distributed_executor_backend="ray" if tp > 1 else None,
             logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION,
             load_format=CPU_PLAIN_LOAD_FORMAT if cpu_plain else "auto",
-            disable_log_stats=True)
+            disable_log_stats=True, **scheduler)
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec) -> List[List[Completion]]:
