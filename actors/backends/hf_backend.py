@@ -1,21 +1,64 @@
-"""The ``hf`` backend: transformers ``generate`` (KV cache) on CPU or one GPU.
+"""The ``hf`` backend: a transformers model with its KV cache, decoded by our own sampling loop.
 
 For machines without vLLM, and as the numerics reference of the vLLM backend. Prompts are
-left-padded into one batch (``num_return_sequences = n`` keeps each prompt's samples adjacent and
-in order); the processed scores ``generate`` returns (after its temperature and top-p warpers; raw
-logits when greedy) give each sampled token's log-prob, the same convention as the vLLM backend.
-A sample ends at its first eos (kept, as vLLM keeps it) or at the token that completes a stop
-string; otherwise it ran to ``max_new_tokens`` ("length").
+left-padded into one batch with each prompt's ``n`` samples adjacent and in order. Each step runs
+the decoder (``model.base_model``) on the last token with the cache, then the LM head on the final
+hidden state, ``LOGITS_BUDGET_BYTES`` worth of rows at a time: for rows ``h`` and head ``W``,
+
+    z = W h / T,   z_v = -inf outside the top-p nucleus,   y ~ softmax(z),   logp = z_y - logsumexp(z)
+
+(greedy, ``T = 0``: ``y = argmax W h`` and ``logp`` from the raw logits) -- the same convention as
+the vLLM backend (``actors.backends.base``). Only one ``[chunk, vocab]`` logits block exists at a
+time, so memory does not grow with ``vocab x steps`` as ``generate(output_scores=True)`` did (a
+151,936-row vocabulary at 64 prompts x 2 samples x 32 tokens took 19 GB that way), and the model
+folder's ``generation_config.json`` (a Qwen folder's top_k 20, repetition_penalty 1.05, ...)
+cannot change what is sampled: only ``generator.*`` settings apply. A sample ends at its first end
+token (the tokenizer's eos or one of the generation config's ``eos_token_id``; kept, as vLLM keeps
+it) or at the token that completes a stop string; otherwise it ran to ``max_new_tokens``
+("length"). Draws come from the backend's own ``torch.Generator`` (seeded by ``generator.seed``),
+or from one seeded by the request's seed.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from actors.backends.base import Completion, SamplingSpec, WeightReceiver
 
-MAX_ROWS = 512  # prompts x n per generate call, to bound memory
+MAX_ROWS = 512  # prompts x n per decoding batch, to bound the KV cache
+LOGITS_BUDGET_BYTES = 64 << 20  # one float32 [rows, vocab] block of logits at a time
+
+
+def end_token_ids(tokenizer: Any, generation_config: Any) -> List[int]:
+    """The tokenizer's eos plus every ``eos_token_id`` of the model's generation config (vLLM
+    stops at the same set)."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def sample_rows(logits: torch.Tensor, spec: SamplingSpec, rng: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[rows, vocab]`` logits -> (sampled ids [rows], their log-probs [rows]) under the
+    temperature / top-p distribution they are drawn from (raw logits and argmax when greedy)."""
+    z = logits.float()
+    if spec.temperature == 0:
+        tok = z.argmax(-1)
+        return tok, z.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
+    z = z / spec.temperature
+    if spec.top_p < 1.0:  # drop the least likely tokens whose total mass is <= 1 - top_p; keep the top one
+        sorted_z, order = z.sort(-1)
+        drop = sorted_z.softmax(-1).cumsum(-1) <= 1.0 - spec.top_p
+        drop[:, -1] = False
+        z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    logp = z.log_softmax(-1)
+    # Inverse CDF with one uniform per row (torch.multinomial and an exponential race each cost
+    # ~40 ns per vocabulary entry on CPU). right=True lands only on entries of positive mass.
+    cdf = logp.exp().cumsum(-1)
+    u = torch.rand((z.shape[0], 1), generator=rng, device=z.device, dtype=cdf.dtype) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=z.shape[-1] - 1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 class HFBackend:
@@ -29,56 +72,70 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
+        self.end_ids = end_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_ids[0]
         self.max_model_len = max_model_len
-        torch.manual_seed(int(gen_cfg.seed))
+        self.rng = torch.Generator(device=self.device).manual_seed(int(gen_cfg.seed))
         self.receiver = None
         self.weight_update = "copy_"  # how a sync loads: into the module's own tensors
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec) -> List[List[Completion]]:
+        rng = self.rng
         if spec.seed is not None:  # per-request seed: the same request draws the same samples
-            torch.manual_seed(spec.seed)
+            rng = torch.Generator(device=self.device).manual_seed(int(spec.seed))
         per_call = max(1, MAX_ROWS // n)
         out: List[List[Completion]] = []
         for s in range(0, len(prompts), per_call):
-            out.extend(self._generate_batch(prompts[s:s + per_call], n, spec))
+            out.extend(self._generate_batch(prompts[s:s + per_call], n, spec, rng))
         return out
 
-    def _generate_batch(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec) -> List[List[Completion]]:
-        tok = self.tokenizer
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(prompts), P), dtype=torch.long)
-        for b, p in enumerate(prompts):
+    def _next_tokens(self, hidden: torch.Tensor, spec: SamplingSpec, rng: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        head = self.model.get_output_embeddings()
+        rows = max(1, LOGITS_BUDGET_BYTES // (4 * int(head.weight.shape[0])))
+        parts = [sample_rows(head(hidden[s:s + rows]), spec, rng) for s in range(0, hidden.shape[0], rows)]
+        return torch.cat([t for t, _ in parts]), torch.cat([lp for _, lp in parts])
+
+    def _generate_batch(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec,
+                        rng: torch.Generator) -> List[List[Completion]]:
+        from transformers import DynamicCache
+
+        rows = [p for p in prompts for _ in range(n)]
+        R, P = len(rows), max(len(p) for p in prompts)
+        ids = torch.full((R, P), self.pad_id, dtype=torch.long)
+        att = torch.zeros((R, P), dtype=torch.long)
+        for b, p in enumerate(rows):
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
             att[b, P - len(p):] = 1
-        greedy = spec.temperature == 0
-        kwargs = dict(do_sample=not greedy, num_return_sequences=n, max_new_tokens=spec.max_new_tokens,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      output_scores=True, return_dict_in_generate=True, top_k=0)
-        if not greedy:
-            kwargs.update(temperature=spec.temperature, top_p=spec.top_p)
-        if spec.stop:
-            kwargs.update(stop_strings=list(spec.stop), tokenizer=tok)
-        res = self.model.generate(input_ids=ids.to(self.device), attention_mask=att.to(self.device), **kwargs)
-        gen = res.sequences[:, P:].cpu()
-        # [rows, steps]: log-prob of the token drawn at each step under the processed scores
-        steps = torch.stack([s.float().log_softmax(-1) for s in res.scores], dim=1).cpu()
-        lp = steps.gather(-1, gen[:, :steps.shape[1], None]).squeeze(-1)
-        result = []
-        for b in range(len(prompts)):
-            group = []
-            for k in range(n):
-                row = b * n + k
-                group.append(self._trim(gen[row].tolist(), lp[row].tolist(), spec))
-            result.append(group)
-        return result
+        ids, att = ids.to(self.device), att.to(self.device)
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        decoder, cache = self.model.base_model, DynamicCache()
+        hidden = decoder(input_ids=ids, attention_mask=att, position_ids=pos, past_key_values=cache,
+                         use_cache=True).last_hidden_state[:, -1]
+        end = torch.tensor(self.end_ids, device=self.device)
+        done = torch.zeros(R, dtype=torch.bool, device=self.device)
+        toks, lps = [], []
+        for step in range(spec.max_new_tokens):
+            tok, lp = self._next_tokens(hidden, spec, rng)
+            tok = tok.masked_fill(done, self.pad_id)
+            toks.append(tok)
+            lps.append(lp)
+            done |= torch.isin(tok, end)
+            if bool(done.all()) or step + 1 == spec.max_new_tokens:
+                break
+            att = torch.cat([att, att.new_ones((R, 1))], dim=1)
+            pos = pos[:, -1:] + 1
+            hidden = decoder(input_ids=tok[:, None], attention_mask=att, position_ids=pos,
+                             past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        gen, lp = torch.stack(toks, 1).cpu(), torch.stack(lps, 1).float().cpu()
+        return [[self._trim(gen[b * n + k].tolist(), lp[b * n + k].tolist(), spec) for k in range(n)]
+                for b in range(len(prompts))]
 
     def _trim(self, ids: List[int], lps: List[float], spec: SamplingSpec) -> Completion:
-        """Cut a padded row at its end: first eos (inclusive), else the token completing a stop
-        string, else the row ran to max_new_tokens."""
-        eos = self.tokenizer.eos_token_id
-        end = ids.index(eos) + 1 if eos in ids else None
+        """Cut a padded row at its end: first end token (inclusive), else the token completing a
+        stop string, else the row ran to max_new_tokens."""
+        ends = set(getattr(self, "end_ids", None) or [self.tokenizer.eos_token_id])
+        end = next((t + 1 for t, i in enumerate(ids) if i in ends), None)
         if spec.stop:
             limit = end or len(ids)
             for t in range(1, limit + 1):
@@ -89,7 +146,7 @@ class HFBackend:
         if end is not None:
             return Completion(ids[:end], lps[:end], "stop")
         if len(ids) < spec.max_new_tokens:
-            raise RuntimeError(f"hf backend: sample stopped after {len(ids)} tokens without eos or stop string")
+            raise RuntimeError(f"hf backend: sample stopped after {len(ids)} tokens without an end token or stop string")
         return Completion(ids, lps, "length")
 
     # --- weights -------------------------------------------------------------------------------
