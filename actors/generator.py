@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from actors.backends.base import SamplingSpec
 from dispo_ray.data import PromptRecord
+from dispo_ray.failures import engine_root_cause, log_offset
 from dispo_ray.placement import pin, wait_for_node_resource
 from dispo_ray.rollout import Sample
 
@@ -60,7 +61,11 @@ class GeneratorActor:
     def __init__(self, cfg: Any, model_path: str, index: int = 0):
         t0 = time.perf_counter()
         self.cfg, self.index = cfg, index
-        self.backend = make_backend(cfg, model_path, index)
+        since = log_offset()
+        try:
+            self.backend = make_backend(cfg, model_path, index)
+        except Exception as e:  # noqa: BLE001 - re-raised with the engine's own root cause
+            raise engine_root_cause(e, since, f"generator {index}: starting the {cfg.generator.backend} engine") from e
         self.tokenizer = self.backend.tokenizer
         self._version = 0
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
@@ -76,8 +81,11 @@ class GeneratorActor:
         if not records:
             return []
         spec = SamplingSpec.from_config(self.cfg.generator, sampling)
-        t0 = time.perf_counter()
-        groups = self.backend.generate([r.prompt_token_ids for r in records], n, spec)
+        t0, since = time.perf_counter(), log_offset()
+        try:
+            groups = self.backend.generate([r.prompt_token_ids for r in records], n, spec)
+        except Exception as e:  # noqa: BLE001 - re-raised with the engine's own root cause
+            raise engine_root_cause(e, since, f"generator {self.index}: {self.cfg.generator.backend} generate") from e
         out: List[Sample] = []
         for rec, group in zip(records, groups):
             if len(group) != n:

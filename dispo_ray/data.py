@@ -26,12 +26,14 @@ import random
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from dispo_ray.validation import ConfigError
+
 log = logging.getLogger(__name__)
 
 FLAT_ANSWER_KEYS = ("ground_truth", "answer")
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A bad data file or row; the message names the file, the row and the key."""
 
 
@@ -64,8 +66,9 @@ def read_rows(path: str) -> List[Dict[str, Any]]:
                     cols = list(data)
                     data = [dict(zip(cols, vals)) for vals in zip(*(data[c] for c in cols))]
                 return list(data)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: cannot read as {ext.lstrip('.')}: {first}") from None
     raise DataError(f"{path}: unsupported extension {ext!r} (use .parquet, .json or .jsonl)")
 
 
@@ -113,6 +116,41 @@ def render_prompt(tokenizer: Any, messages: List[Dict[str, str]]) -> Tuple[str, 
     return text, list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+def row_problem(row: Any, data_cfg: Any) -> Optional[str]:
+    """What is wrong with one row (missing or empty prompt, missing ground truth), or None."""
+    if not isinstance(row, dict) or _messages(row.get(data_cfg.prompt_key)) is None:
+        return f"missing or empty prompt (key '{data_cfg.prompt_key}')"
+    if _answer(row, data_cfg.answer_key) is None:
+        return (f"missing ground truth (key '{data_cfg.answer_key}', "
+                f"or a flat {' / '.join(FLAT_ANSWER_KEYS)} column)")
+    return None
+
+
+def check_rows(path: str, rows: Sequence[Any], data_cfg: Any) -> int:
+    """Raise :class:`DataError` naming the file and the first bad row (or, when no row has the
+    column at all, the missing column and the columns there are); with ``data.skip_bad_rows``
+    return the number of bad rows instead. No tokenizer needed: this runs before anything starts."""
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    first = rows[0] if isinstance(rows[0], dict) else {}
+    cols = ", ".join(sorted(first)) or "none"
+    if not any(isinstance(r, dict) and data_cfg.prompt_key in r for r in rows):
+        raise DataError(f"{path}: no prompt column '{data_cfg.prompt_key}' (data.prompt_key); columns: {cols}")
+    if not any(isinstance(r, dict) and _answer(r, data_cfg.answer_key) is not None for r in rows):
+        raise DataError(f"{path}: no ground-truth column '{data_cfg.answer_key}' (data.answer_key) nor a flat "
+                        f"{' / '.join(FLAT_ANSWER_KEYS)} column; columns: {cols}")
+    bad = 0
+    for i, row in enumerate(rows):
+        problem = row_problem(row, data_cfg)
+        if problem:
+            if not data_cfg.skip_bad_rows:
+                raise DataError(f"{path}: row {i}: {problem} (set data.skip_bad_rows=true to skip such rows)")
+            bad += 1
+    if bad == len(rows):
+        raise DataError(f"{path}: all {bad} rows are bad (missing prompt or ground truth)")
+    return bad
+
+
 def load_records(files: Sequence[str], tokenizer: Any, data_cfg: Any) -> Tuple[List[PromptRecord], Dict[str, int]]:
     """Read and tokenize every row of ``files``. Returns the records and counts
     ``{rows, kept, bad, too_long}``; bad rows raise unless ``data_cfg.skip_bad_rows``."""
@@ -120,35 +158,29 @@ def load_records(files: Sequence[str], tokenizer: Any, data_cfg: Any) -> Tuple[L
     stats = {"rows": 0, "kept": 0, "bad": 0, "too_long": 0}
     for path in files:
         stem = os.path.splitext(os.path.basename(path))[0]
-        for i, row in enumerate(read_rows(path)):
+        rows = read_rows(path)
+        stats["bad"] += check_rows(path, rows, data_cfg)
+        for i, row in enumerate(rows):
             stats["rows"] += 1
-            problem = None
-            msgs = _messages(row.get(data_cfg.prompt_key)) if isinstance(row, dict) else None
-            gt = _answer(row, data_cfg.answer_key) if isinstance(row, dict) else None
-            if msgs is None:
-                problem = f"missing or empty prompt (key '{data_cfg.prompt_key}')"
-            elif gt is None:
-                problem = (f"missing ground truth (key '{data_cfg.answer_key}', "
-                           f"or a flat {' / '.join(FLAT_ANSWER_KEYS)} column)")
-            if problem:
-                if not data_cfg.skip_bad_rows:
-                    raise DataError(f"{path}: row {i}: {problem} (set data.skip_bad_rows=true to skip such rows)")
-                stats["bad"] += 1
-                continue
-            text, ids = render_prompt(tokenizer, msgs)
+            if row_problem(row, data_cfg):
+                continue  # counted by check_rows (which raised unless skip_bad_rows)
+            text, ids = render_prompt(tokenizer, _messages(row[data_cfg.prompt_key]))
             if len(ids) > data_cfg.max_prompt_length:
                 stats["too_long"] += 1
                 continue
             source = get_dotted(row, data_cfg.data_source_key)
             records.append(PromptRecord(uid=f"{stem}/{i}", prompt=text, prompt_token_ids=ids,
-                                        ground_truth=gt, data_source=str(source) if source else stem))
+                                        ground_truth=_answer(row, data_cfg.answer_key),
+                                        data_source=str(source) if source else stem))
     stats["kept"] = len(records)
     if stats["bad"] or stats["too_long"]:
         log.warning("data %s: kept %d of %d rows (%d bad rows skipped, %d prompts over "
                     "data.max_prompt_length=%d tokens skipped)", list(files), stats["kept"],
                     stats["rows"], stats["bad"], stats["too_long"], data_cfg.max_prompt_length)
     if not records:
-        raise DataError(f"{list(files)}: no usable rows ({stats})")
+        raise DataError(f"{list(files)}: no usable rows ({stats}); all prompts longer than "
+                        f"data.max_prompt_length={data_cfg.max_prompt_length} tokens?" if stats["too_long"]
+                        else f"{list(files)}: no usable rows ({stats})")
     return records, stats
 
 

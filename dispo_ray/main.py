@@ -1,11 +1,16 @@
 """Entry point: ``python -m dispo_ray.main [hydra overrides]`` (also the ``dispo-train`` script).
 
-Composes ``conf/``, validates every value before anything starts (a user error prints one line
-naming the key and exits 2), then hands the run to the driver.
+Composes ``conf/``, validates every value and then the user's data files and model folder
+(``dispo_ray.preflight``) before anything starts: a user error prints one line naming the key,
+file or row and exits 2. A run that fails later prints one line naming the root cause
+(``dispo_ray.failures.describe``: the engine's own error, Ray's memory-monitor verdict, ...), keeps
+the full traceback in ``<run_dir>/error.log`` and exits 1.
 """
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig
@@ -13,24 +18,46 @@ from omegaconf import DictConfig
 from dispo_ray.config import CONF_DIR, ConfigError, check_override_keys, load_config
 
 
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    from dispo_ray.preflight import check_inputs
+
     try:
         root = load_config(cfg)
+        check_inputs(root)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e), 2)
     from dispo_ray.driver import run  # Ray and the actors are imported only after validation
+    from dispo_ray.failures import describe
 
-    run(root)
+    try:
+        run(root)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except ConfigError as e:  # a data or config problem found while loading (e.g. every prompt too long)
+        _fail(str(e), 2)
+    except Exception as e:  # noqa: BLE001 - one line for the console, the whole story in the log
+        log = os.path.join(os.path.abspath(root.trainer.run_dir), "error.log")
+        try:
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "w") as f:
+                traceback.print_exc(file=f)
+            where = f" (traceback: {log})"
+        except OSError:
+            where = ""
+        _fail(describe(e) + where, 1)
 
 
 def main() -> None:
     try:
         check_override_keys(sys.argv[1:])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e), 2)
     _hydra_main()
 
 

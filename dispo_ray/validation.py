@@ -56,10 +56,7 @@ def validate(c: Any) -> None:
     m = c.model
     _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype,
            "one of float32, bfloat16, float16")
-    if m.path is not None:
-        _check(os.path.isdir(m.path), "model.path", m.path, "an existing HF model folder")
-        _check(os.path.isfile(os.path.join(m.path, "config.json")), "model.path", m.path,
-               "a folder containing config.json")
+    # model.path: the folder itself is checked by dispo_ray.preflight (config, tokenizer, engine support)
     t = m.tiny
     for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
               "max_position_embeddings"):

@@ -45,7 +45,6 @@ def test_generator_preset_and_overrides():
     ("+algorithm.eps_low=0.1", "algorithm.eps_low", "not in 'AlgorithmConfig'"),
     ("generator.backend=sglang", "generator.backend", "one of vllm, hf"),
     ("learner.zero_stage=4", "learner.zero_stage", "one of 0, 1, 2, 3"),
-    ("model.path=/nonexistent/model", "model.path", "existing HF model folder"),
     ("data.train_files=[/nonexistent.parquet]", "data.train_files", "existing"),
     ("reward.timeout_s=0", "reward.timeout_s", "> 0"),
     ("learner.deepspeed_config={zero_optimization:{stage:3}}", "learner.deepspeed_config.zero_optimization.stage",
