@@ -64,7 +64,7 @@ def main(quick: bool = False) -> List[Dict]:
         parts = {p.split("/")[1]: _median(rows, p) for p in PHASES}
         step = _median(rows, "timing/step")
         # k=0: this thread waits for the whole rollout; k=1: generation runs in the producer thread
-        busy = parts["train"] + parts["sync"] + _median(rows, "timing/eval")
+        busy = parts["train"] + parts["sync"]  # timing/step leaves evaluation out
         parts["wait_rollout"] = _median(rows, "timing/wait_rollout")
         parts["step"] = step
         parts["other"] = max(step - busy - parts["wait_rollout"], 0.0)

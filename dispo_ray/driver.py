@@ -24,17 +24,29 @@ from dispo_ray.config import RootConfig, to_dict
 from dispo_ray.rollout import collate
 
 
+def cluster_address(cfg: RootConfig) -> Optional[str]:
+    """Where Ray runs: ``cluster.address`` when set; else ``auto`` (join) when this process is a
+    Ray job's entrypoint (``ray job submit`` sets ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and points
+    ``RAY_ADDRESS`` at the cluster) or ``RAY_ADDRESS`` is set; else None (start a local Ray)."""
+    if cfg.cluster.address:
+        return cfg.cluster.address
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    return None
+
+
 def init_ray(cfg: RootConfig) -> None:
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # e.g. a notebook or a test that started (or joined) Ray itself
         return
     env = {k: v for k, v in os.environ.items() if k in (
         "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "DS_BUILD_OPS", "VLLM_CPU_KVCACHE_SPACE",
         "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
     env.setdefault("HF_HUB_OFFLINE", "1")
-    if cfg.cluster.address:  # join a running cluster (ray job submit / KubeRay)
-        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
+    address = cluster_address(cfg)
+    if address:  # join a running cluster (ray job submit / KubeRay); its size is the cluster's
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
         ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 2, 8),
                  include_dashboard=cfg.cluster.include_dashboard, runtime_env={"env_vars": env},
@@ -297,11 +309,12 @@ class Trainer:
                     metrics["timing/sync"] = self.sync_weights(self.step + 1)
                 self.step += 1
                 metrics["version"] = float(self.version)
+                # The step's own time (rollout wait, train, sync); evaluation is timing/eval.
+                metrics["timing/step"] = time.perf_counter() - t_step
+                metrics["perf/tokens_per_s"] = metrics.get("perf/train_tokens", 0.0) / metrics["timing/step"]
                 if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.total_steps:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
-                metrics["timing/step"] = time.perf_counter() - t_step
-                metrics["perf/tokens_per_s"] = metrics.get("perf/train_tokens", 0.0) / metrics["timing/step"]
                 for signal in self.guard.update(self.step, metrics):
                     log.message(f"WARNING collapse guard: '{signal}' held for {tr.collapse_guard.patience} "
                                 f"steps at step {self.step} (see trainer.collapse_guard)")

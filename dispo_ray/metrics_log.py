@@ -1,15 +1,20 @@
-"""Where metrics go: ``metrics.jsonl`` (one object per step), TensorBoard event files beside it,
-W&B when ``trainer.wandb_project`` is set and wandb is installed, and a console progress bar."""
+"""Where metrics go: ``metrics.jsonl`` (one object per step, with ``time``: unix seconds when it was
+logged), TensorBoard event files beside it, W&B when ``trainer.wandb_project`` is set and wandb
+is installed, and the console: a progress bar on a terminal; in a log file or a Ray job's log
+(not a TTY) a plain line every ``LINE_EVERY_S`` seconds and at the last step instead, since a
+carriage-return bar there becomes one ever-growing line."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import sys
+import time
 from typing import Any, Dict, List, Mapping, Optional
 
 CONSOLE_KEYS = (("reward", "rollout/reward"), ("acc", "rollout/accuracy"), ("eval", "eval/accuracy"),
                 ("ent", "actor/entropy"), ("tok/s", "perf/tokens_per_s"))
+LINE_EVERY_S = 30.0
 
 
 def _clean(v: Any) -> Any:
@@ -38,13 +43,17 @@ class MetricsLogger:
                 print("warning: trainer.wandb_project is set but wandb is not installed; skipping W&B",
                       file=sys.stderr)
         self._bar = None
-        if progress_bar:
+        self.total_steps, self._t0, self._last_line = total_steps, time.time(), -math.inf
+        self.tty = progress_bar and sys.stdout.isatty()
+        self.plain_lines = progress_bar and not self.tty
+        if self.tty:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                              file=sys.stdout)
 
     def log(self, step: int, metrics: Mapping[str, Any], advance: bool = True) -> None:
-        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        now = time.time()
+        record = {"step": step, "time": round(now, 3), **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -57,6 +66,15 @@ class MetricsLogger:
                      if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
+        elif self.plain_lines and advance and (now - self._last_line >= LINE_EVERY_S or step >= self.total_steps):
+            self._last_line = now
+            print(self.console_line(step, metrics, now - self._t0), flush=True)
+
+    def console_line(self, step: int, metrics: Mapping[str, Any], elapsed_s: float) -> str:
+        """``step 40/250 | 95s | reward 0.41 | acc 0.41 | ...``: what the bar's postfix shows."""
+        shown = [f"{name} {metrics[k]:.3g}" for name, k in CONSOLE_KEYS
+                 if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])]
+        return " | ".join([f"step {step}/{self.total_steps}", f"{elapsed_s:.0f}s", *shown])
 
     def message(self, text: str) -> None:
         if self._bar is not None:
