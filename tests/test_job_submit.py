@@ -1,5 +1,8 @@
 """`ray job submit` end to end: a real Ray head on loopback (its own ports and temp dir), the
-training job submitted by deploy/submit.sh through the real Job API, polled to SUCCEEDED.
+training job submitted through the real Job API and polled to SUCCEEDED: once by deploy/submit.sh,
+once as verl and OpenRLHF users submit, the plain `ray job submit --working-dir . -- python -m
+dispo_ray.main ...` with no wrapper and no cluster.address (the driver finds it is a Ray job and
+joins the cluster instead of starting its own). Both jobs share one head.
 
 Also: what `--working-dir .` would upload with deploy/runtime_env.yaml's excludes, measured with
 Ray's own packaging code (the zip Ray builds), must stay small.
@@ -118,7 +121,7 @@ def _kill_tree(head: subprocess.Popen, temp_dir: str) -> None:
                 pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="dr-job-", dir="/tmp")  # short: Ray's unix sockets live under it
     (gcs, dash, client, nm, om, agent_listen, agent_grpc, metrics, rt_env) = _free_ports(9)
@@ -160,10 +163,27 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_submit_sh_runs_two_steps_on_a_local_head(ray_head, tmp_path):
+def wait_for_success(client, sub_id: str, run_dir: Path) -> str:
+    """Poll the job to a final state; assert SUCCEEDED and two logged steps. Returns its logs."""
     from ray.job_submission import JobStatus
 
+    deadline = time.time() + JOB_TIMEOUT_S
+    status = client.get_job_status(sub_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(5)
+        status = client.get_job_status(sub_id)
+    logs = client.get_job_logs(sub_id)
+    if status != JobStatus.SUCCEEDED:
+        client.stop_job(sub_id)
+    assert status == JobStatus.SUCCEEDED, f"job {status}; last log lines:\n{logs[-4000:]}"
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert lines, "metrics.jsonl is empty"
+    assert max(r["step"] for r in lines) == 2, [r["step"] for r in lines]
+    return logs
+
+
+@pytest.mark.slow
+def test_submit_sh_runs_two_steps_on_a_local_head(ray_head, tmp_path):
     address, client, env = ray_head
     run_dir = tmp_path / "run"
     sub_id = f"dispo-test-{uuid.uuid4().hex[:8]}"
@@ -178,23 +198,31 @@ def test_submit_sh_runs_two_steps_on_a_local_head(ray_head, tmp_path):
 
     info = client.get_job_info(sub_id)
     assert "algorithm.eps_high_neg=55" in info.entrypoint and "cluster.address=auto" in info.entrypoint
-    deadline = time.time() + JOB_TIMEOUT_S
-    status = client.get_job_status(sub_id)
-    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
-        time.sleep(5)
-        status = client.get_job_status(sub_id)
-    logs = client.get_job_logs(sub_id)
-    if status != JobStatus.SUCCEEDED:
-        client.stop_job(sub_id)
-    assert status == JobStatus.SUCCEEDED, f"job {status}; last log lines:\n{logs[-4000:]}"
-
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert lines, "metrics.jsonl is empty"
-    steps = [r.get("step") for r in lines if "step" in r]
-    assert max(steps) == 2, steps
+    wait_for_success(client, sub_id, run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["algorithm"]["eps_high_neg"] == 55.0  # the env-var clip override reached the run
     assert cfg["cluster"]["address"] == "auto"
     # every pool was pinned to its group's resource, and the job still ran: the requests fit
     assert [cfg[k]["node_resource"] for k in ("generator", "learner", "reward")] == \
         ["dispo_generator", "dispo_learner", "dispo_reward"]
+
+
+@pytest.mark.slow
+def test_plain_ray_job_submit_joins_the_cluster(ray_head, tmp_path):
+    """No wrapper, no cluster.address: the job's driver joins the head it runs on (before the fix
+    Ray refused: "When connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
+    address, client, env = ray_head
+    run_dir = tmp_path / "run"
+    sub_id = f"dispo-plain-{uuid.uuid4().hex[:8]}"
+    out = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
+         "--submission-id", sub_id, "--", "python", "-m", "dispo_ray.main", "trainer.total_steps=2",
+         "trainer.eval_every=0", "trainer.eval_max_prompts=8", "trainer.prompts_per_step=4",
+         "trainer.tensorboard=false", f"trainer.run_dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # .gitignore keeps .venv out of the upload
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    logs = wait_for_success(client, sub_id, run_dir)
+    assert "Started a local Ray instance" not in logs  # it joined; it did not start a Ray of its own
+    assert "\r" not in logs and "step 2/2" in logs  # a job log is no TTY: plain lines, no bar
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["cluster"]["address"] is None
