@@ -145,15 +145,20 @@ def bad_inputs(tmp_path):
 
 
 def test_bad_user_inputs_are_one_line_before_anything_starts(tmp_path):
-    for what, args, must_name in bad_inputs(tmp_path):
-        out = run_main([*args, f"trainer.run_dir={tmp_path / 'run'}"], timeout=180)
-        err = out.stderr.strip()
-        assert out.returncode == 2, (what, out.returncode, err[-2000:])
-        assert "Traceback" not in out.stderr + out.stdout, (what, err[-2000:])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cases = bad_inputs(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "dispo_ray.main", *args, f"trainer.run_dir={tmp_path / f'run{i}'}"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (_, args, _) in enumerate(cases)]  # independent checks: run them side by side
+    for i, ((what, _, must_name), p) in enumerate(zip(cases, procs)):
+        stdout, stderr = p.communicate(timeout=300)
+        err = stderr.strip()
+        assert p.returncode == 2, (what, p.returncode, err[-2000:])
+        assert "Traceback" not in stderr + stdout, (what, err[-2000:])
         assert len(err.splitlines()) == 1 and err.startswith("error: "), (what, err)
         for s in must_name:
             assert s in err, (what, s, err)
-        assert not (tmp_path / "run").exists(), what  # nothing started: no run dir was made
+        assert not (tmp_path / f"run{i}").exists(), what  # nothing started: no run dir was made
 
 
 # ------------------------------------------------------------------ a dying engine
