@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from dispo_ray.advantages import assign_advantages
 from dispo_ray.config import RootConfig, to_dict
 from dispo_ray.rollout import collate
+from dispo_ray.startup import StartupClock, start_concurrently
 
 
 def cluster_address(cfg: RootConfig) -> Optional[str]:
@@ -101,20 +102,29 @@ class Trainer:
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=1)
         seed_everything(tr.seed)
-        self.model_dir = warm_started_model_dir(cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        train_files, val_files = data_files(cfg)
-        self.train_set = PromptDataset.from_files(train_files, self.tokenizer, cfg.data, seed=tr.seed)
-        self.eval_sets = {"eval": PromptDataset.from_files(val_files, self.tokenizer, cfg.data, shuffle=False)}
-        for path in cfg.data.extra_eval_files:
-            name = "eval_" + os.path.splitext(os.path.basename(path))[0]
-            self.eval_sets[name] = PromptDataset.from_files([path], self.tokenizer, cfg.data, shuffle=False)
-        init_ray(cfg)
-        self.rewards = RewardPool(cfg.reward, max_new_tokens=cfg.generator.max_new_tokens)
-        self.generators = GeneratorPool(cfg, self.model_dir)
-        self.learners = LearnerGroup(cfg, self.model_dir)
+        self.startup = clock = StartupClock()
+        with clock.phase("warm_start"):
+            self.model_dir = warm_started_model_dir(cfg)
+        with clock.phase("data"):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            train_files, val_files = data_files(cfg)
+            self.train_set = PromptDataset.from_files(train_files, self.tokenizer, cfg.data, seed=tr.seed)
+            self.eval_sets = {"eval": PromptDataset.from_files(val_files, self.tokenizer, cfg.data, shuffle=False)}
+            for path in cfg.data.extra_eval_files:
+                name = "eval_" + os.path.splitext(os.path.basename(path))[0]
+                self.eval_sets[name] = PromptDataset.from_files([path], self.tokenizer, cfg.data, shuffle=False)
+        with clock.phase("ray"):
+            init_ray(cfg)
+        pools = start_concurrently({
+            "rewards": lambda: RewardPool(cfg.reward, max_new_tokens=cfg.generator.max_new_tokens),
+            "generators": lambda: GeneratorPool(cfg, self.model_dir),
+            "learners": lambda: LearnerGroup(cfg, self.model_dir),
+        }, clock, on_failure=lambda pool: pool.shutdown())
+        self.rewards, self.generators, self.learners = pools["rewards"], pools["generators"], pools["learners"]
         self._sync_lock = threading.RLock()
-        self.connect_weight_sync()
+        with clock.phase("sync_group"):
+            self.connect_weight_sync()
+        print(clock.finish(), flush=True)
         # A generator that Ray restarted comes back with the initial weights: before its prompts
         # are re-issued, the group is re-formed and the published version broadcast again.
         self.generators.before_reissue = self._resync_restarted
@@ -331,7 +341,8 @@ class Trainer:
             log.close()
         summary = {"run_dir": self.run_dir, "steps": self.step, "version": self.version,
                    "first_eval_accuracy": first_eval, "last_eval_accuracy": last_eval.get("eval/accuracy"),
-                   "collapse_events": self.guard.events, "stopped_by_collapse_guard": stopped_by_guard}
+                   "collapse_events": self.guard.events, "stopped_by_collapse_guard": stopped_by_guard,
+                   "startup_seconds": dict(self.startup.seconds)}
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         return summary

@@ -43,6 +43,10 @@ def test_staleness_bound_holds_on_every_trained_sample(ray_cluster, tmp_path, k)
                              "learner.mini_batches=1"])
     steps = _train_steps(str(tmp_path))
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5] and summary["version"] == 5
+    t = summary["startup_seconds"]  # every start-up phase timed; the pools overlap
+    assert set(t) == {"warm_start", "data", "ray", "rewards", "generators", "learners", "pools_concurrent",
+                      "sync_group", "total"} and all(v >= 0 for v in t.values())
+    assert max(t["rewards"], t["generators"], t["learners"]) <= t["pools_concurrent"] <= t["total"]
     # the gate's histogram counts every trained sample's staleness; the bound holds for all
     hist = trainer.gate.histogram
     assert sum(hist.values()) == sum(m["rollout/train_samples"] for m in steps) > 0
