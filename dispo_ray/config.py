@@ -52,9 +52,12 @@ class TinyModelConfig:
 
 @dataclass
 class WarmStartConfig:
-    steps: int = MISSING
+    steps: int = MISSING  # at most this many steps
     lr: float = MISSING
     batch_size: int = MISSING
+    target_accuracy: float = MISSING  # stop once the dev slice's greedy accuracy reaches it (0: run all steps)
+    check_every: int = MISSING
+    dev_size: int = MISSING  # first problems of the train split, held out from the warm start
 
 
 @dataclass

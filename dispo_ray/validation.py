@@ -68,6 +68,11 @@ def validate(c: Any) -> None:
     _check(m.warmstart.steps >= 0, "model.warmstart.steps", m.warmstart.steps, ">= 0")
     _check(m.warmstart.lr > 0, "model.warmstart.lr", m.warmstart.lr, "> 0")
     _check(m.warmstart.batch_size >= 1, "model.warmstart.batch_size", m.warmstart.batch_size, ">= 1")
+    _check(0 <= m.warmstart.target_accuracy <= 1, "model.warmstart.target_accuracy", m.warmstart.target_accuracy,
+           "in [0, 1]")
+    _check(m.warmstart.check_every >= 1, "model.warmstart.check_every", m.warmstart.check_every, ">= 1")
+    _check(1 <= m.warmstart.dev_size < c.data.tiny_task.num_train, "model.warmstart.dev_size", m.warmstart.dev_size,
+           f">= 1 and below data.tiny_task.num_train={c.data.tiny_task.num_train}")
 
     d = c.data
     for group in ("train_files", "val_files", "extra_eval_files"):

@@ -99,11 +99,13 @@ def test_warm_start_learns_stays_imperfect_and_is_cached(tmp_path):
     from dispo_ray.tiny_task import make_problems
     from dispo_ray.warmstart import greedy_accuracy, warm_started_model_dir, warmstart_info
 
-    cfg = compose([f"model.cache_dir={tmp_path}", "model.warmstart.steps=150", "model.warmstart.batch_size=32"])
+    cfg = compose([f"model.cache_dir={tmp_path}", "model.warmstart.steps=150", "model.warmstart.batch_size=32",
+                   "model.warmstart.target_accuracy=0"])  # a fixed step count
     t0 = time.perf_counter()
     path = warm_started_model_dir(cfg)
     built_s = time.perf_counter() - t0
     info = warmstart_info(cfg)
+    assert info["steps"] == 150 and info["dev_checks"] == []
     assert info["first_loss"] > 3.0 and info["final_loss"] < info["first_loss"] / 4  # it learned the format
     assert 0.0 <= info["val_greedy_accuracy"] < 0.9  # ... and is clearly imperfect
     # the stored accuracy is reproducible from the saved folder
@@ -117,3 +119,27 @@ def test_warm_start_learns_stays_imperfect_and_is_cached(tmp_path):
     from dispo_ray.warmstart import warmstart_dir
     assert warmstart_dir(longer) != path
     assert warm_started_model_dir(compose([f"model.path={path}"])) == path  # a user's model is used as is
+
+
+def test_warm_start_stops_at_the_dev_slice_target(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dispo_ray.tiny_task import make_problems
+    from dispo_ray.warmstart import greedy_accuracy, warm_started_model_dir, warmstart_info
+
+    cfg = compose([f"model.cache_dir={tmp_path}", "model.warmstart.steps=2000", "model.warmstart.batch_size=32",
+                   "model.warmstart.target_accuracy=0.05", "model.warmstart.check_every=25",
+                   "model.warmstart.dev_size=128"])
+    info = warmstart_info(cfg)
+    checks = info["dev_checks"]
+    # stopped at the first check that reached the target, long before the step limit
+    assert info["reached_target"] and checks[-1][1] >= 0.05 and all(a < 0.05 for _, a in checks[:-1])
+    assert [s for s, _ in checks] == [25 * (i + 1) for i in range(len(checks))] and info["steps"] == checks[-1][0] < 2000
+    # the recorded dev accuracy is the saved model's, on the first dev_size train problems
+    path = warm_started_model_dir(cfg)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    splits = make_problems(cfg.data.tiny_task)
+    assert greedy_accuracy(model, tok, splits["train"][:128]) == info["dev_greedy_accuracy"] == checks[-1][1]
+    assert info["num_dev"] == 128
