@@ -264,6 +264,17 @@ class LearnerWorker(LearnerSyncMixin):
         out["raw"] = merge_raw_metrics(*raws)
         return out
 
+    def set_loss_windows(self, windows: Dict[str, float]) -> Dict[str, float]:
+        """Replace DISPO's clip windows (``algorithm.eps_*``) for the following ``train_step``
+        calls; only :class:`dispo_ray.windows.LossWindows` calls this. Returns the windows now in force."""
+        from dispo_ray.windows import WINDOW_KEYS
+        unknown = sorted(set(windows) - set(WINDOW_KEYS))
+        if unknown:
+            raise KeyError(f"set_loss_windows: not a DISPO window: {unknown}")
+        for k, v in windows.items():
+            setattr(self.cfg.algorithm, k, float(v))
+        return {k: float(getattr(self.cfg.algorithm, k)) for k in WINDOW_KEYS}
+
     def _stage0_grad_norm(self) -> Optional[float]:
         """Without ZeRO DeepSpeed does not record the norm; the grads are reduced by now."""
         if self.engine.zero_optimization_stage() > 0:

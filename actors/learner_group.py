@@ -118,6 +118,10 @@ class LearnerGroup:
         T = batch["input_ids"].shape[1]
         return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1])) for p in parts])[:B]
 
+    def set_loss_windows(self, windows: Dict[str, float]) -> Dict[str, float]:
+        """DISPO's clip windows for the next steps, on every rank (see :mod:`dispo_ray.windows`)."""
+        return self._all("set_loss_windows", dict(windows))[0]
+
     # ------------------------------------------------------------------ state
     def save_checkpoint(self, path: str) -> str:
         self._all("save_checkpoint", path)
