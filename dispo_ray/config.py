@@ -9,6 +9,7 @@ starts.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -16,6 +17,27 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dispo_ray.validation import ConfigError, validate  # noqa: F401 - ConfigError is part of this API
+
+
+@dataclass
+class WindowMaxConfig:
+    """The widest each DISPO window may be set at run time (collapse-guard rollback, adaptive windows)."""
+    eps_low_pos: float = MISSING
+    eps_high_pos: float = MISSING
+    eps_low_neg: float = MISSING
+    eps_high_neg: float = MISSING
+
+
+@dataclass
+class AdaptiveWindowsConfig:
+    """Bands of dispo_ray.adaptive_windows: a window widens while its signal is out of band."""
+    enabled: bool = MISSING
+    repetition_max: float = MISSING  # share of repetitive responses; above: widen eps_high_neg
+    length_min: float = MISSING  # mean response length (tokens); below: widen eps_low_neg
+    entropy_correct_min: float = MISSING  # entropy of correct responses; below: widen eps_high_pos
+    entropy_correct_max: float = MISSING  # above: widen eps_low_pos
+    step_factor: float = MISSING  # per-step widening, in ratio space (> 1)
+    relax: float = MISSING  # in band: fraction of the way back to the configured value per step
 
 
 @dataclass
@@ -38,6 +60,8 @@ class AlgorithmConfig:
     # Truncated importance-sampling correction of the generator/learner mismatch: 0 = off,
     # otherwise weight each token by min(pi_learner_old / pi_generator, cap).
     mismatch_is_cap: float = MISSING
+    window_max: WindowMaxConfig = field(default_factory=WindowMaxConfig)
+    adaptive_windows: AdaptiveWindowsConfig = field(default_factory=AdaptiveWindowsConfig)
 
 
 @dataclass
@@ -152,12 +176,15 @@ class RewardConfig:
 @dataclass
 class CollapseGuardConfig:
     enabled: bool = MISSING
-    stop_on_trigger: bool = MISSING
+    action: str = MISSING  # warn | stop | rollback (dispo_ray.collapse_guard)
+    stop_on_trigger: Optional[bool] = None  # deprecated alias: true = action=stop (resolve_aliases)
     patience: int = MISSING  # consecutive steps a signal must hold
     repetition_max: float = MISSING
     length_min: float = MISSING
     entropy_min: float = MISSING
     entropy_max: float = MISSING
+    widen_factor: float = MISSING  # rollback: the signal's window widens by this factor (ratio space)
+    max_rollbacks: int = MISSING  # rollbacks per run; later triggers warn
 
 
 @dataclass
@@ -214,8 +241,24 @@ def load_config(cfg: Any) -> RootConfig:
         root: RootConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
+    resolve_aliases(root)
     validate(root)
     return root
+
+
+def resolve_aliases(root: RootConfig) -> None:
+    """The one place deprecated keys are mapped: ``trainer.collapse_guard.stop_on_trigger`` true ->
+    ``action=stop``, false -> ``action=warn``; refused when it contradicts an explicit ``action``."""
+    cg = root.trainer.collapse_guard
+    if cg.stop_on_trigger is None:
+        return
+    mapped = "stop" if cg.stop_on_trigger else "warn"
+    if cg.action not in ("warn", mapped):
+        raise ConfigError(f"config key 'trainer.collapse_guard.stop_on_trigger' = {cg.stop_on_trigger!r}: "
+                          f"contradicts trainer.collapse_guard.action={cg.action!r}; set only action")
+    print(f"warning: trainer.collapse_guard.stop_on_trigger is deprecated; use "
+          f"trainer.collapse_guard.action={mapped}", file=sys.stderr)
+    cg.action, cg.stop_on_trigger = mapped, None
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:

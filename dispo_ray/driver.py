@@ -250,14 +250,17 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoint / resume
+    def driver_state(self, cursor: Dict[str, int]) -> Dict[str, Any]:
+        return {"step": self.step, "version": self.version, "cursor": cursor, "gate": self.gate.state_dict(),
+                "guard": self.guard.state_dict(), "windows": self.windows.state_dict()}
+
     def save(self, producer: Any) -> str:
         from dispo_ray.run_state import checkpoint_dir, mark_latest, save_driver_state
 
         path = checkpoint_dir(self.run_dir, self.step)
         self.learners.save_checkpoint(os.path.join(path, "learner"))
-        save_driver_state(path, {"step": self.step, "version": self.version,
-                                 "cursor": producer.cursor_before(self.step),
-                                 "gate": self.gate.state_dict(), "guard": self.guard.state_dict()})
+        self.guard.record_checkpoint(self.step)
+        save_driver_state(path, self.driver_state(producer.cursor_before(self.step)))
         mark_latest(self.run_dir, self.step)
         return path
 
@@ -273,6 +276,7 @@ class Trainer:
         self.train_set.load_state_dict(state["cursor"])
         self.gate.load_state_dict(state["gate"])
         self.guard.load_state_dict(state["guard"])
+        self.windows.load_state_dict(state.get("windows"))  # adapted or widened windows continue
         # metrics.jsonl keeps the history up to the checkpoint; later lines belonged to the lost run
         path_metrics = os.path.join(self.run_dir, "metrics.jsonl")
         if os.path.exists(path_metrics):
@@ -285,20 +289,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Dict[str, Any]:
+        from dispo_ray.adaptive_windows import AdaptiveWindows
         from dispo_ray.collapse_guard import CollapseGuard
         from dispo_ray.metrics_log import MetricsLogger
+        from dispo_ray.rollback import after_step, roll_back
         from dispo_ray.rollout_producer import RolloutProducer
+        from dispo_ray.windows import LossWindows
 
         cfg, tr = self.cfg, self.cfg.trainer
-        self.guard = CollapseGuard(tr.collapse_guard)
+        self.guard = CollapseGuard(tr.collapse_guard, tr.max_staleness)
+        self.windows = LossWindows(cfg.algorithm, self.learners)
+        aw = cfg.algorithm.adaptive_windows
+        self.controller = AdaptiveWindows(aw, self.windows.configured, self.windows.limits) if aw.enabled else None
         resumed = tr.resume and self.resume()
         log = MetricsLogger(self.run_dir, tr.total_steps, tr.tensorboard, tr.wandb_project, tr.progress_bar,
                             config=to_dict(cfg), start_step=self.step)
         if resumed:
             log.message(f"resumed from step {self.step} (version {self.version})")
-        self.producer = producer = RolloutProducer(cfg, self.train_set, self.generators, self.rewards,
-                                                   self.gate, start_step=self.step,
-                                                   total_steps=tr.total_steps).start()
+        self.producer = RolloutProducer(cfg, self.train_set, self.generators, self.rewards, self.gate,
+                                        start_step=self.step, total_steps=tr.total_steps).start()
         first_eval: Optional[float] = None
         last_eval: Dict[str, float] = {}
         stopped_by_guard = False
@@ -310,7 +319,7 @@ class Trainer:
             while self.step < tr.total_steps:
                 t_step = time.perf_counter()
                 t_wait = time.perf_counter()
-                batch = producer.get(self.step)
+                batch = self.producer.get(self.step)
                 metrics = {"timing/wait_rollout": time.perf_counter() - t_wait, **rollout_metrics(batch)}
                 # Training and the broadcast that publishes its result are one unit: a re-sync
                 # for a restarted generator must never send half-updated weights.
@@ -325,23 +334,25 @@ class Trainer:
                 if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.total_steps:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
-                for signal in self.guard.update(self.step, metrics):
-                    log.message(f"WARNING collapse guard: '{signal}' held for {tr.collapse_guard.patience} "
-                                f"steps at step {self.step} (see trainer.collapse_guard)")
-                    stopped_by_guard = tr.collapse_guard.stop_on_trigger
-                metrics["collapse/events"] = float(len(self.guard.events))
+                response = after_step(self, metrics, log)  # guard, windows: dispo_ray/rollback.py
                 log.log(self.step, metrics)  # step N: after N updates
+                if response is not None and response.action == "rollback":
+                    roll_back(self, response.restored_step)
+                    log.rewind(self.step)
+                    continue
+                stopped_by_guard = response is not None and response.action == "stop"
                 if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.total_steps or stopped_by_guard:
-                    self.save(producer)
+                    self.save(self.producer)
                 if stopped_by_guard:
                     log.message(f"stopping at step {self.step}: collapse guard triggered (checkpoint saved)")
                     break
         finally:
-            producer.stop()
+            self.producer.stop()
             log.close()
         summary = {"run_dir": self.run_dir, "steps": self.step, "version": self.version,
                    "first_eval_accuracy": first_eval, "last_eval_accuracy": last_eval.get("eval/accuracy"),
                    "collapse_events": self.guard.events, "stopped_by_collapse_guard": stopped_by_guard,
+                   "rollbacks": self.guard.rollbacks, "windows": self.windows.state_dict(),
                    "startup_seconds": dict(self.startup.seconds)}
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

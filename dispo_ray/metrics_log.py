@@ -76,6 +76,12 @@ class MetricsLogger:
                  if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])]
         return " | ".join([f"step {step}/{self.total_steps}", f"{elapsed_s:.0f}s", *shown])
 
+    def rewind(self, step: int) -> None:
+        """The run went back to ``step`` (a collapse-guard rollback): the bar shows it."""
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def message(self, text: str) -> None:
         if self._bar is not None:
             self._bar.write(text)

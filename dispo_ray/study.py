@@ -38,7 +38,7 @@ VARIANTS: Dict[str, List[str]] = {
     "dispo_tight_low_neg": ["algorithm=dispo", "algorithm.eps_low_neg=0"],
 }
 COMMON = ["generator=hf", "learner.mini_batches=4", "trainer.progress_bar=false", "trainer.tensorboard=false",
-          "trainer.eval_max_prompts=100", "trainer.collapse_guard.stop_on_trigger=false"]
+          "trainer.eval_max_prompts=100", "trainer.collapse_guard.action=warn"]
 CURVES = (("eval/accuracy", "held-out accuracy (avg@k)"), ("actor/entropy", "mean token entropy"),
           ("rollout/response_length", "response length (tokens)"), ("rollout/repetition", "repetitive responses"))
 

@@ -14,6 +14,7 @@ class ConfigError(ValueError):
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 GENERATOR_BACKENDS = ("vllm", "hf")
+GUARD_ACTIONS = ("warn", "stop", "rollback")
 _ABSENT = object()
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 # DeepSpeed entries derived from other keys (actors/learner.py: ds_config): an override would desync them.
@@ -52,6 +53,19 @@ def validate(c: Any) -> None:
            ">= 2 (group-relative advantages need at least two samples per prompt)")
     _check(a.adv_eps > 0, "algorithm.adv_eps", a.adv_eps, "> 0")
     _check(a.mismatch_is_cap >= 0, "algorithm.mismatch_is_cap", a.mismatch_is_cap, ">= 0 (0 = off)")
+    for k in ("eps_low_pos", "eps_high_pos", "eps_low_neg", "eps_high_neg"):
+        v, lo = getattr(a.window_max, k), getattr(a, k)
+        _check(lo <= v and (k.startswith("eps_high") or v <= 1.0), f"algorithm.window_max.{k}", v,
+               f">= algorithm.{k}={lo}" + ("" if k.startswith("eps_high") else " and <= 1"))
+    aw = a.adaptive_windows
+    _check(not aw.enabled or a.name == "dispo", "algorithm.adaptive_windows.enabled", aw.enabled,
+           f"false with algorithm.name={a.name} (it moves DISPO's four windows)")
+    _check(0 <= aw.repetition_max <= 1, "algorithm.adaptive_windows.repetition_max", aw.repetition_max, "in [0, 1]")
+    _check(aw.length_min >= 0, "algorithm.adaptive_windows.length_min", aw.length_min, ">= 0")
+    _check(0 <= aw.entropy_correct_min < aw.entropy_correct_max, "algorithm.adaptive_windows.entropy_correct_min",
+           aw.entropy_correct_min, f">= 0 and < algorithm.adaptive_windows.entropy_correct_max={aw.entropy_correct_max}")
+    _check(aw.step_factor > 1, "algorithm.adaptive_windows.step_factor", aw.step_factor, "> 1")
+    _check(0 <= aw.relax <= 1, "algorithm.adaptive_windows.relax", aw.relax, "in [0, 1] (0 = never relax)")
 
     m = c.model
     _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype,
@@ -151,6 +165,14 @@ def validate(c: Any) -> None:
            f"learner.num_actors * learner.mini_batches ({ranks_x_minis})")
     cg = tr.collapse_guard
     _check(cg.patience >= 1, "trainer.collapse_guard.patience", cg.patience, ">= 1")
+    _check(cg.action in GUARD_ACTIONS, "trainer.collapse_guard.action", cg.action, f"one of {', '.join(GUARD_ACTIONS)}")
+    if cg.action == "rollback":
+        _check(a.name == "dispo", "trainer.collapse_guard.action", cg.action,
+               f"warn or stop with algorithm.name={a.name} (rollback widens a DISPO window)")
+        _check(tr.save_every >= 1, "trainer.save_every", tr.save_every,
+               ">= 1 with trainer.collapse_guard.action=rollback (it restores a saved checkpoint)")
+    _check(cg.widen_factor > 1, "trainer.collapse_guard.widen_factor", cg.widen_factor, "> 1")
+    _check(cg.max_rollbacks >= 0, "trainer.collapse_guard.max_rollbacks", cg.max_rollbacks, ">= 0")
     _check(0 <= cg.repetition_max <= 1, "trainer.collapse_guard.repetition_max", cg.repetition_max, "in [0, 1]")
     _check(cg.entropy_min < cg.entropy_max, "trainer.collapse_guard.entropy_min", cg.entropy_min,
            f"< trainer.collapse_guard.entropy_max={cg.entropy_max}")

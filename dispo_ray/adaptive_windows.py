@@ -1,0 +1,67 @@
+"""Adaptive windows (``algorithm.adaptive_windows``): keep DISPO's collapse signals in their bands
+by moving each of the four windows between its configured value and ``algorithm.window_max``.
+
+Which window moves for which signal follows the paper's four regimes (../shared/PAPER.md):
+
+    incorrect, w > 1 clipped too tightly -> repetition collapse; incorrect, w < 1 too tightly ->
+    length collapse; correct, w > 1 raises entropy, correct, w < 1 lowers it.
+
+Control law, once per step s, from the step's metrics (rollout metrics of the batch trained at s,
+learner metrics of that update); ``widen`` is :func:`dispo_ray.windows.widen` with
+``step_factor`` (ratio space: ``1 + eps_high`` times f, ``1 - eps_low`` divided by f), capped at
+``window_max``; ``relax`` moves ``relax`` of the way back: ``eps + relax * (configured - eps)``:
+
+    window        signal (metric)                                  out of band         then
+    eps_high_neg  repetition share (rollout/repetition)            > repetition_max    widen
+    eps_low_neg   mean response length (rollout/response_length)   < length_min        widen
+    eps_high_pos  entropy of correct responses (actor/entropy_correct) < entropy_correct_min  widen
+                  (more weight > 1 on correct tokens raises their entropy)
+    eps_low_pos   entropy of correct responses                     > entropy_correct_max  widen
+                  (weights < 1 on correct tokens lower their entropy: distillation)
+
+    otherwise (signal in band): relax toward the configured value (``relax = 0``: stay);
+    a missing or NaN signal (e.g. no correct response in the batch): the window stays.
+
+So each window only ever widens away from its configured value (the configured value is the
+tightest the controller goes) and comes back gradually once its signal is in band; the band and
+the relax rate set how much hysteresis there is. The new windows apply from the next step on, so
+``windows/*`` of step s are the values step s trained with. Under asynchrony
+(``max_staleness = k``) the signals come from rollouts up to k versions old: the controller
+reacts k steps later, which the small per-step factor tolerates. With the collapse guard's
+rollback also on, a window it widened is relaxed like any other once its signal is in band.
+The controller keeps no state beyond the windows themselves (saved with every checkpoint by
+:class:`~dispo_ray.windows.LossWindows`), so a resumed run continues with the adapted windows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Mapping, Tuple
+
+from dispo_ray.windows import widen
+
+# window -> (metric, out of band?)
+RULES: Dict[str, Tuple[str, Callable[[float, Any], bool]]] = {
+    "eps_high_neg": ("rollout/repetition", lambda v, c: v > c.repetition_max),
+    "eps_low_neg": ("rollout/response_length", lambda v, c: v < c.length_min),
+    "eps_high_pos": ("actor/entropy_correct", lambda v, c: v < c.entropy_correct_min),
+    "eps_low_pos": ("actor/entropy_correct", lambda v, c: v > c.entropy_correct_max),
+}
+
+
+class AdaptiveWindows:
+    def __init__(self, cfg: Any, configured: Mapping[str, float], limits: Mapping[str, float]):
+        self.cfg, self.configured, self.limits = cfg, dict(configured), dict(limits)
+
+    def propose(self, metrics: Mapping[str, float], current: Mapping[str, float]) -> Dict[str, float]:
+        """The windows for the next step, given this step's metrics and the windows it used."""
+        out = dict(current)
+        for key, (metric, out_of_band) in RULES.items():
+            value = metrics.get(metric)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue  # no evidence either way
+            cur = current[key]
+            if out_of_band(float(value), self.cfg):
+                out[key] = widen(key, cur, self.cfg.step_factor, self.limits[key])
+            else:
+                out[key] = cur + self.cfg.relax * (self.configured[key] - cur)
+        return out
