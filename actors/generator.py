@@ -139,6 +139,7 @@ class GeneratorActor:
         s = dict(self.stats)
         s.update(actor=self.index, version=self._version, incarnation=self.incarnation,
                  weight_update=self.backend.weight_update,
+                 engine_core=getattr(self.backend, "engine_core", "n/a"),
                  start_seconds=round(self.start_seconds, 2),
                  tokens_per_s=s["tokens"] / s["busy_s"] if s["busy_s"] else 0.0,
                  samples_per_s=s["samples"] / s["busy_s"] if s["busy_s"] else 0.0)

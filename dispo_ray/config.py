@@ -127,6 +127,7 @@ class GeneratorConfig:
     kv_cache_gib: int = MISSING  # CPU vLLM: VLLM_CPU_KVCACHE_SPACE
     cpu_packed_weights: bool = MISSING  # CPU vLLM: oneDNN-packed linears (syncs then re-run a layerwise reload)
     enforce_eager: bool = MISSING
+    engine_core: str = MISSING  # vllm: auto | in_process | separate_process
     temperature: float = MISSING
     top_p: float = MISSING
     max_new_tokens: int = MISSING
@@ -195,6 +196,7 @@ class TrainerConfig:
     max_staleness: int = MISSING  # 0 = synchronous on-policy; k > 0 = bounded asynchrony
     prompts_per_step: int = MISSING
     max_resample_rounds: int = MISSING  # dynamic sampling cap per step
+    oversample: float = MISSING  # dynamic sampling: first-round prompts = ceil(prompts_per_step x this)
     eval_every: int = MISSING
     eval_k: int = MISSING
     eval_greedy: bool = MISSING

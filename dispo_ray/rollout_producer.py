@@ -5,9 +5,11 @@ For step ``s`` (once the gate admits it):
 
     prompts --generator pool--> G samples each (token ids, behaviour log-probs, version)
             --reward pool-----> reward, correct, reason
-            --dynamic sampling: keep groups with mixed rewards; draw more prompts while fewer
-              than ``trainer.prompts_per_step`` groups are kept (at most
-              ``trainer.max_resample_rounds`` extra rounds); surplus groups are dropped, counted
+            --dynamic sampling: keep groups with mixed rewards; the first round draws
+              ceil(trainer.prompts_per_step x trainer.oversample) prompts (DAPO's over-sampling:
+              one engine call usually fills the batch), later rounds draw more while fewer than
+              ``trainer.prompts_per_step`` groups are kept (at most ``trainer.max_resample_rounds``
+              extra rounds); surplus groups are dropped, counted
             --> RolloutBatch(step, kept samples, all samples of the step, timings, counts)
 
 Request seeds derive from ``(trainer.seed, step, round)``, so with ``max_staleness = 0`` a
@@ -115,7 +117,9 @@ class RolloutProducer:
             need = want - len(kept)
             if need <= 0:
                 break
-            if round_ > 0:  # ask for enough that, at the kept rate seen so far, the batch fills
+            if round_ == 0 and cfg.algorithm.dynamic_sampling:
+                need = math.ceil(want * cfg.trainer.oversample)
+            elif round_ > 0:  # ask for enough that, at the kept rate seen so far, the batch fills
                 rate = max(len(kept) / max(len(generated) / G, 1.0), 0.125)
                 need = min(math.ceil(need / rate), 4 * want)
             prompts = self.dataset.next_batch(need)

@@ -14,6 +14,7 @@ class ConfigError(ValueError):
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 GENERATOR_BACKENDS = ("vllm", "hf")
+ENGINE_CORES = ("auto", "in_process", "separate_process")
 GUARD_ACTIONS = ("warn", "stop", "rollback")
 _ABSENT = object()
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -111,6 +112,7 @@ def validate(c: Any) -> None:
     _check(0 < g.gpu_memory_utilization <= 1, "generator.gpu_memory_utilization",
            g.gpu_memory_utilization, "in (0, 1]")
     _check(g.kv_cache_gib >= 1, "generator.kv_cache_gib", g.kv_cache_gib, ">= 1")
+    _check(g.engine_core in ENGINE_CORES, "generator.engine_core", g.engine_core, f"one of {', '.join(ENGINE_CORES)}")
     _check(g.temperature >= 0, "generator.temperature", g.temperature, ">= 0")
     _check(0 < g.top_p <= 1, "generator.top_p", g.top_p, "in (0, 1]")
     _check(g.max_new_tokens >= 1, "generator.max_new_tokens", g.max_new_tokens, ">= 1")
@@ -155,6 +157,7 @@ def validate(c: Any) -> None:
     _check(tr.max_staleness >= 0, "trainer.max_staleness", tr.max_staleness, ">= 0")
     _check(tr.prompts_per_step >= 1, "trainer.prompts_per_step", tr.prompts_per_step, ">= 1")
     _check(tr.max_resample_rounds >= 0, "trainer.max_resample_rounds", tr.max_resample_rounds, ">= 0")
+    _check(1.0 <= tr.oversample <= 4.0, "trainer.oversample", tr.oversample, "in [1, 4]")
     _check(tr.eval_every >= 0, "trainer.eval_every", tr.eval_every, ">= 0 (0 = only at the end)")
     _check(tr.eval_k >= 1, "trainer.eval_k", tr.eval_k, ">= 1")
     _check(tr.save_every >= 0, "trainer.save_every", tr.save_every, ">= 0")

@@ -44,6 +44,8 @@ def test_generator_preset_and_overrides():
     ("algorithm.eps_low_pos=abc", "algorithm.eps_low_pos", "could not be converted"),
     ("+algorithm.eps_low=0.1", "algorithm.eps_low", "not in 'AlgorithmConfig'"),
     ("generator.backend=sglang", "generator.backend", "one of vllm, hf"),
+    ("generator.engine_core=thread", "generator.engine_core", "one of auto, in_process, separate_process"),
+    ("trainer.oversample=0.5", "trainer.oversample", "in [1, 4]"),
     ("learner.zero_stage=4", "learner.zero_stage", "one of 0, 1, 2, 3"),
     ("data.train_files=[/nonexistent.parquet]", "data.train_files", "existing"),
     ("reward.timeout_s=0", "reward.timeout_s", "> 0"),

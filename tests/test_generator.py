@@ -126,6 +126,8 @@ def test_vllm_samples_grouped_versioned_and_logprobs_match_transformers(setup, v
     print(f"vLLM: {len(out)} samples, {sum(len(s.response_token_ids) for s in out)} tokens in {dt:.2f}s "
           f"({len(out) / dt:.0f} samples/s); load: {vllm_pool.load()}")
     assert len(out) == 128
+    # generator.engine_core=auto on CPU: vLLM's engine core runs inside the actor, no process hop
+    assert vllm_pool.load()[0]["engine_core"] == "in_process"
 
 
 def test_vllm_weight_broadcast_updates_running_engine(setup, vllm_pool):

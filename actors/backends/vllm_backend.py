@@ -16,6 +16,15 @@ with "CPU Generator does not use offset" as soon as one step's prompts exceed
 token budget of at least one whole sequence: a prefill is always scheduled whole, nothing is ever
 discarded, and seeds and sampled-token log-probs stay as they are. CUDA generators support
 offsets, so GPU engines keep vLLM's chunked prefill.
+
+Engine core placement (``generator.engine_core``): vLLM runs its scheduler and model executor
+("engine core") in a child process by default, so that on a GPU the next step is scheduled while
+the current one runs. On CPU the forward pass and the scheduler compete for the same cores and the
+process hop only adds IPC per step and ~12 s of start-up, so ``auto`` runs the core in-process
+there (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and in its own process on GPUs.
+
+Detokenisation: the actor decodes every response once itself (``actors.generator``), so the
+engine's incremental detokeniser is switched off unless stop *strings* need it.
 """
 from __future__ import annotations
 
@@ -28,6 +37,11 @@ EXTENSION = "actors.vllm_worker_ext.WeightSyncWorkerExtension"
 CPU_MIN_BATCHED_TOKENS = 4096  # vLLM's own default budget on CPU
 
 
+def engine_in_process(setting: str, on_cpu: bool) -> bool:
+    """``generator.engine_core``: in_process | separate_process | auto (in-process on CPU only)."""
+    return setting == "in_process" or (setting == "auto" and on_cpu)
+
+
 def cpu_scheduler_args(max_model_len: int) -> dict:
     """Engine arguments that keep every prefill whole on the CPU build (see the module docstring)."""
     return {"enable_chunked_prefill": False,
@@ -38,8 +52,12 @@ class VLLMBackend:
     def __init__(self, model_path: str, gen_cfg: Any, dtype: str, max_model_len: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen_cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "0")
-        from vllm import LLM
         from vllm.platforms import current_platform
+
+        # read by vLLM when the engine is built, so it must be set before LLM(...)
+        in_process = engine_in_process(str(gen_cfg.engine_core), current_platform.is_cpu())
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        from vllm import LLM
 
         from actors.vllm_worker_ext import CPU_PLAIN_LOAD_FORMAT
 
@@ -58,6 +76,9 @@ class VLLMBackend:
             load_format=CPU_PLAIN_LOAD_FORMAT if cpu_plain else "auto",
             disable_log_stats=True, **scheduler)
         self.tokenizer = self.llm.get_tokenizer()
+        # what vLLM really built, reported in the actor's load() (InprocClient = no process hop)
+        client = type(self.llm.llm_engine.engine_core).__name__
+        self.engine_core = "in_process" if client == "InprocClient" else f"separate_process ({client})"
 
     def generate(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec) -> List[List[Completion]]:
         from vllm import SamplingParams
@@ -65,7 +86,7 @@ class VLLMBackend:
         params = SamplingParams(
             n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
             stop=list(spec.stop) or None, include_stop_str_in_output=True, logprobs=0,
-            skip_special_tokens=True, seed=spec.seed)
+            skip_special_tokens=True, seed=spec.seed, detokenize=bool(spec.stop))
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         result = []
         for out in outs:
