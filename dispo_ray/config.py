@@ -100,6 +100,7 @@ class TinyTaskConfig:
     max_digits: int = MISSING
     ops: List[str] = MISSING
     seed: int = MISSING  # problem generation and the train/val split
+    style: str = MISSING  # answer (boxed answer only) | working (column-by-column working, additions)
 
 
 @dataclass

@@ -3,6 +3,8 @@ made too tight, on the tiny task, same steps, several seeds.
 
     python -m dispo_ray.study [--steps 60] [--seeds 1 2 3] [--out docs/regime_study] [--only NAME ...]
                               [-- hydra overrides applied to every run]
+    python -m dispo_ray.study --lab     (the regime lab: +preset=regime_lab, 7 variants x 3 seeds,
+                                         120 steps, docs/regime_lab/, verdicts in verdicts.md)
 
 "Too tight" closes one side of one window completely (the weight may not move past 1 on that
 side), which is the limit of the paper's "clipped too tightly":
@@ -37,13 +39,17 @@ VARIANTS: Dict[str, List[str]] = {
     "dispo_tight_high_neg": ["algorithm=dispo", "algorithm.eps_high_neg=0"],
     "dispo_tight_low_neg": ["algorithm=dispo", "algorithm.eps_low_neg=0"],
 }
+LAB_VARIANTS = ["dispo", "cispo", "dapo", "dispo_tight_high_pos", "dispo_tight_low_pos", "dispo_tight_high_neg",
+                "dispo_tight_low_neg"]
+LAB_PRESET = "+preset=regime_lab"
 COMMON = ["generator=hf", "learner.mini_batches=4", "trainer.progress_bar=false", "trainer.tensorboard=false",
           "trainer.eval_max_prompts=100", "trainer.collapse_guard.action=warn"]
 CURVES = (("eval/accuracy", "held-out accuracy (avg@k)"), ("actor/entropy", "mean token entropy"),
           ("rollout/response_length", "response length (tokens)"), ("rollout/repetition", "repetitive responses"))
 
 
-def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str]) -> str:
+def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str],
+            common: Sequence[str] = tuple(COMMON)) -> str:
     from dispo_ray.config import compose
     from dispo_ray.driver import Trainer
 
@@ -53,7 +59,7 @@ def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str]) ->
     if os.path.exists(run_dir):
         import shutil
         shutil.rmtree(run_dir)
-    cfg = compose(COMMON + VARIANTS[name] + [f"trainer.seed={seed}", f"trainer.total_steps={steps}",
+    cfg = compose(list(common) + VARIANTS[name] + [f"trainer.seed={seed}", f"trainer.total_steps={steps}",
                                              f"trainer.eval_every={max(steps // 6, 1)}", f"trainer.run_dir={run_dir}",
                                              *extra])
     trainer = Trainer(cfg)
@@ -148,32 +154,43 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         extra = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lab", action="store_true", help="the regime lab (conf/preset/regime_lab.yaml)")
+    p.add_argument("--steps", type=int, default=None, help="default 60, 120 with --lab")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--out", default="docs/regime_study")
-    p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--out", default=None, help="default docs/regime_study, docs/regime_lab with --lab")
+    p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=None)
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args(argv)
+    args.steps = args.steps or (120 if args.lab else 60)
+    args.out = args.out or ("docs/regime_lab" if args.lab else "docs/regime_study")
+    args.only = args.only or (LAB_VARIANTS if args.lab else list(VARIANTS))
+    common = COMMON
+    if args.lab:  # longer responses: vLLM generates them faster than transformers on CPU
+        common = [c for c in COMMON if not c.startswith("generator=")]
+        extra = [LAB_PRESET, *extra]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     if not args.summarize_only:
         from dispo_ray.config import compose
         from dispo_ray.driver import init_ray
-        init_ray(compose(COMMON + extra))
+        init_ray(compose(common + extra))
         for s in args.seeds:
             for n in args.only:
                 t = time.time()
-                run_one(n, s, args.steps, args.out, extra)
+                run_one(n, s, args.steps, args.out, extra, common)
                 print(f"[study] {n} seed {s}: {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
     table = summarize(args.out, args.only, args.seeds)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
+    if args.lab:
+        from dispo_ray.lab_plots import lab_outputs
+        table += "\n\n" + lab_outputs(args.out, args.only, args.seeds)
     if args.summarize_only:
         print(table)
         return
     with open(os.path.join(args.out, "command.json"), "w") as f:
         json.dump({"argv": ["python", "-m", "dispo_ray.study", *(sys.argv[1:] if argv is None else argv)],
-                   "common_overrides": COMMON, "extra_overrides": extra, "variants": VARIANTS}, f, indent=1)
+                   "common_overrides": common, "extra_overrides": extra, "variants": VARIANTS}, f, indent=1)
     print(table)
 
 

@@ -7,6 +7,15 @@ equally common). The prompt is the bare expression, e.g. ``"12+7="``, and the co
 on them is cheap, yet 2-digit sums and differences with carries are hard enough that a short warm
 start leaves the model imperfect and RL has something to improve.
 
+With ``data.tiny_task.style: working`` (the regime lab's task, additions only) the correct response
+writes out the column-by-column working before the answer, least significant column first, one
+line per column ``x+y+carry=sum`` (the carry into the next column is the sum's tens digit)::
+
+    "478+56=" -> "8+6+0=14\n7+5+1=13\n4+0+1=5\n\boxed{534}"
+
+so responses run ~20-70 tokens and their length and repetition can move freely under RL, while the
+reward still reads only the boxed answer.
+
 Distinct problems are drawn under ``data.tiny_task.seed``; the first ``num_val`` form the
 validation split and the next ``num_train`` the training split, so the two never share a problem.
 
@@ -38,6 +47,26 @@ def solve(a: int, op: str, b: int) -> int:
 def solution_text(answer: int) -> str:
     """The correct response: the answer in ``\\boxed{}`` and nothing else."""
     return "\\boxed{" + str(answer) + "}"
+
+
+def working_text(a: int, b: int) -> str:
+    """Column-by-column working of ``a + b`` (see the module docstring), ending in the boxed sum."""
+    lines, carry = [], 0
+    for i in range(max(len(str(a)), len(str(b)))):
+        x, y = a // 10 ** i % 10, b // 10 ** i % 10
+        total = x + y + carry
+        lines.append(f"{x}+{y}+{carry}={total}")
+        carry = total // 10
+    return "\n".join(lines + [solution_text(a + b)])
+
+
+def response_text(a: int, op: str, b: int, style: str = "answer") -> str:
+    """The correct response in ``style``: ``answer`` (the boxed answer only) or ``working``."""
+    if style == "working":
+        if op != "+":
+            raise ValueError(f"data.tiny_task.style=working writes out additions only, got {op!r}")
+        return working_text(a, b)
+    return solution_text(solve(a, op, b))
 
 
 def _operand(rng: random.Random, max_digits: int) -> int:

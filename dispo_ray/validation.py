@@ -14,6 +14,7 @@ class ConfigError(ValueError):
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 GENERATOR_BACKENDS = ("vllm", "hf")
+TASK_STYLES = ("answer", "working")
 ENGINE_CORES = ("auto", "in_process", "separate_process")
 GUARD_ACTIONS = ("warn", "stop", "rollback")
 _ABSENT = object()
@@ -101,6 +102,9 @@ def validate(c: Any) -> None:
     bad_ops = [o for o in tt.ops if o not in ("+", "-", "*")]
     _check(bool(tt.ops) and not bad_ops, "data.tiny_task.ops", tt.ops, "a non-empty list of '+', '-', '*'")
     _check(tt.seed >= 0, "data.tiny_task.seed", tt.seed, ">= 0")
+    _check(tt.style in TASK_STYLES, "data.tiny_task.style", tt.style, f"one of {', '.join(TASK_STYLES)}")
+    _check(tt.style != "working" or set(tt.ops) == {"+"}, "data.tiny_task.ops", list(tt.ops),
+           "[\"+\"] with data.tiny_task.style=working (it writes out additions only)")
 
     g = c.generator
     _check(g.backend in GENERATOR_BACKENDS, "generator.backend", g.backend,

@@ -33,7 +33,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from dispo_ray.tiny import build_tiny_model, tiny_config_hash
-from dispo_ray.tiny_task import _task_hash, make_problems, prompt_text, solution_text
+from dispo_ray.tiny_task import _task_hash, make_problems, prompt_text, response_text
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: stops at a dev-slice target accuracy
@@ -50,14 +50,14 @@ def warmstart_dir(cfg: Any) -> str:
     return os.path.join(os.path.expanduser(cfg.model.cache_dir), f"warm-{warmstart_hash(cfg)}")
 
 
-def _pairs(tokenizer: Any, rows: Sequence[Dict[str, Any]]) -> List[Tuple[List[int], List[int]]]:
+def _pairs(tokenizer: Any, rows: Sequence[Dict[str, Any]], style: str = "answer") -> List[Tuple[List[int], List[int]]]:
     """(prompt ids with <s>, response ids ending in </s>) for each problem; the prompt is tokenized
     exactly as :func:`dispo_ray.data.render_prompt` does for a template-less tokenizer."""
     out = []
     for r in rows:
         e = r["extra_info"]
         p = tokenizer(prompt_text(e["a"], e["op"], e["b"]), add_special_tokens=True)["input_ids"]
-        y = tokenizer(solution_text(int(r["reward_model"]["ground_truth"])), add_special_tokens=False)["input_ids"]
+        y = tokenizer(response_text(e["a"], e["op"], e["b"], style), add_special_tokens=False)["input_ids"]
         out.append((list(p), list(y) + [tokenizer.eos_token_id]))
     return out
 
@@ -78,12 +78,14 @@ def _batch(pairs: Sequence[Tuple[List[int], List[int]]], pad_id: int):
     return ids, mask, labels
 
 
-def greedy_accuracy(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], max_new_tokens: int = 16,
+def greedy_accuracy(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], style: str = "answer",
                     batch_size: int = 256) -> float:
-    """Fraction of problems whose greedy response is exactly the correct ``\\boxed{}`` answer."""
+    """Fraction of problems whose greedy response is exactly the correct response (in ``style``:
+    the boxed answer, or the working and the boxed answer)."""
     import torch
 
-    pairs = _pairs(tokenizer, rows)
+    pairs = _pairs(tokenizer, rows, style)
+    max_new_tokens = max(len(y) for _, y in pairs)
     correct = 0
     model.eval()
     with torch.no_grad():
@@ -104,14 +106,15 @@ def greedy_accuracy(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], 
 
 
 def train(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], steps: int, lr: float, batch_size: int,
-          seed: int = SEED, check_every: int = 0, done: Optional[Callable[[], bool]] = None) -> List[float]:
+          seed: int = SEED, check_every: int = 0, done: Optional[Callable[[], bool]] = None,
+          style: str = "answer") -> List[float]:
     """Teacher-forced response-only cross-entropy with AdamW; returns the per-step losses. With
     ``done``, it is asked after every ``check_every`` steps and training stops when it says so."""
     import torch
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    pairs = _pairs(tokenizer, rows)
+    pairs = _pairs(tokenizer, rows, style)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     model.train()
@@ -151,10 +154,11 @@ def warm_started_model_dir(cfg: Any) -> str:
     splits = make_problems(cfg.data.tiny_task)
     w = cfg.model.warmstart
     dev, train_rows = splits["train"][:w.dev_size], splits["train"][w.dev_size:]
+    style = cfg.data.tiny_task.style
     checks: List[Tuple[int, float]] = []  # (step, dev greedy accuracy)
 
     def reached() -> bool:
-        checks.append((len(checks) * w.check_every + w.check_every, greedy_accuracy(model, tok, dev)))
+        checks.append((len(checks) * w.check_every + w.check_every, greedy_accuracy(model, tok, dev, style)))
         return checks[-1][1] >= w.target_accuracy
 
     t0 = time.perf_counter()
@@ -162,9 +166,9 @@ def warm_started_model_dir(cfg: Any) -> str:
     torch.set_num_threads(1)  # a model this small runs faster on one thread than on shared cores
     try:
         losses = train(model, tok, train_rows, w.steps, w.lr, w.batch_size, check_every=w.check_every,
-                       done=reached if w.target_accuracy > 0 else None)
+                       done=reached if w.target_accuracy > 0 else None, style=style)
         train_s = time.perf_counter() - t0
-        acc = greedy_accuracy(model, tok, splits["val"])
+        acc = greedy_accuracy(model, tok, splits["val"], style)
     finally:
         torch.set_num_threads(threads)
     info = {"steps": len(losses), "max_steps": w.steps, "target_accuracy": w.target_accuracy,

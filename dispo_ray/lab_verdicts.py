@@ -1,0 +1,165 @@
+"""Verdicts of the regime lab (``python -m dispo_ray.study --lab``): each of DISPO's four findings,
+DISPO against DAPO and CISPO, and the collapse guard, judged on the study's runs.
+
+A statistic is computed per run; a variant's value is its mean over seeds, its spread the sample
+standard deviation over seeds. An effect is the difference of two variants' means; it is
+**reproduced** when it has the predicted sign and exceeds twice the seed spread (the larger of the
+two variants' spreads), else **not reproduced**.
+
+    finding (../shared/PAPER.md)               variant vs dispo        statistic per run                        predicted
+    correct, w > 1 raise entropy               eps_high_pos = 0        entropy of correct responses, last 1/4    lower
+    correct, w < 1 lower entropy               eps_low_pos = 0         entropy of correct responses, last 1/4    higher
+    incorrect, w > 1 clipped: repetition       eps_high_neg = 0        repetition, highest 5-step mean           higher
+    incorrect, w < 1 clipped: length collapse  eps_low_neg = 0         response length, lowest 5-step mean       lower
+    DISPO learns faster than DAPO              dapo                    mean held-out accuracy over evaluations   lower
+    DISPO is steadier than CISPO               cispo                   largest fall of accuracy below its peak   higher
+
+The guard check: a run *collapses* when its held-out accuracy falls more than ``FALL`` below its
+running peak; the guard passes on it when its first event came before the step of the first
+evaluation showing that fall. Runs of the default windows must show no event at all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+Rows = List[dict]
+FALL = 0.10
+
+
+def _train_rows(rows: Rows) -> Rows:
+    return [r for r in rows if "rollout/samples" in r]
+
+
+def _num(rows: Rows, key: str) -> List[float]:
+    return [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(float(r[key]))]
+
+
+def late_mean(key: str) -> Callable[[Rows], Optional[float]]:
+    """Mean of ``key`` over the last quarter of the training steps."""
+    def stat(rows: Rows) -> Optional[float]:
+        vals = _num(_train_rows(rows), key)
+        tail = vals[-max(len(vals) // 4, 1):]
+        return sum(tail) / len(tail) if tail else None
+    return stat
+
+
+def window_extreme(key: str, pick: Callable = max, width: int = 5) -> Callable[[Rows], Optional[float]]:
+    """The highest (``pick=max``) or lowest 5-step running mean of ``key`` over the run."""
+    def stat(rows: Rows) -> Optional[float]:
+        vals = _num(_train_rows(rows), key)
+        if not vals:
+            return None
+        w = min(width, len(vals))
+        return pick(sum(vals[i:i + w]) / w for i in range(len(vals) - w + 1))
+    return stat
+
+
+def mean_accuracy(rows: Rows) -> Optional[float]:
+    acc = _num(rows, "eval/accuracy")
+    return sum(acc) / len(acc) if acc else None
+
+
+def largest_fall(rows: Rows) -> Optional[float]:
+    """Largest drop of held-out accuracy below its running peak (0 when it never falls)."""
+    acc = _num(rows, "eval/accuracy")
+    peak, fall = -1.0, 0.0
+    for a in acc:
+        peak = max(peak, a)
+        fall = max(fall, peak - a)
+    return fall if acc else None
+
+
+# (finding, variant, baseline, statistic name, statistic, predicted sign of variant - baseline)
+FINDINGS: Tuple[tuple, ...] = (
+    ("correct, weight > 1 raises entropy", "dispo_tight_high_pos", "dispo", "entropy of correct responses (last 1/4)",
+     late_mean("actor/entropy_correct"), -1),
+    ("correct, weight < 1 lowers entropy", "dispo_tight_low_pos", "dispo", "entropy of correct responses (last 1/4)",
+     late_mean("actor/entropy_correct"), +1),
+    ("incorrect, weight > 1 clipped: repetition collapse", "dispo_tight_high_neg", "dispo",
+     "repetition (highest 5-step mean)", window_extreme("rollout/repetition", max), +1),
+    ("incorrect, weight < 1 clipped: length collapse", "dispo_tight_low_neg", "dispo",
+     "response length (lowest 5-step mean)", window_extreme("rollout/response_length", min), -1),
+    ("DISPO learns faster than DAPO", "dapo", "dispo", "mean held-out accuracy over evaluations", mean_accuracy, -1),
+    ("DISPO is steadier than CISPO", "cispo", "dispo", "largest fall of held-out accuracy below its peak",
+     largest_fall, +1),
+)
+
+
+def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+
+
+def verdict(variant_vals: Sequence[float], base_vals: Sequence[float], sign: int) -> Dict[str, object]:
+    """Effect (variant mean - baseline mean), spread, and whether it is reproduced."""
+    (mv, sv), (mb, sb) = _mean_sd(variant_vals), _mean_sd(base_vals)
+    effect, spread = mv - mb, max(sv, sb)
+    ok = effect * sign > 0 and abs(effect) > 2 * spread
+    return {"variant_mean": mv, "variant_sd": sv, "base_mean": mb, "base_sd": sb, "effect": effect,
+            "spread": spread, "reproduced": ok}
+
+
+def findings(runs: Dict[Tuple[str, int], Rows]) -> List[Dict[str, object]]:
+    out = []
+    for name, variant, base, stat_name, stat, sign in FINDINGS:
+        v = [x for (n, _), rows in runs.items() if n == variant for x in [stat(rows)] if x is not None]
+        b = [x for (n, _), rows in runs.items() if n == base for x in [stat(rows)] if x is not None]
+        row = {"finding": name, "variant": variant, "baseline": base, "statistic": stat_name,
+               "predicted": "lower" if sign < 0 else "higher", "seeds": (len(v), len(b))}
+        row.update(verdict(v, b, sign) if v and b else {"reproduced": None})
+        out.append(row)
+    return out
+
+
+def guard_check(rows: Rows, fall: float = FALL) -> Dict[str, Optional[int]]:
+    """Step of the first guard event, step of the first evaluation ``fall`` below the running
+    peak (None when it never happens)."""
+    first_event = next((int(r["step"]) for r in _train_rows(rows) if r.get("collapse/events", 0) > 0), None)
+    peak, fell_at = -1.0, None
+    for r in rows:
+        a = r.get("eval/accuracy")
+        if not isinstance(a, (int, float)):
+            continue
+        peak = max(peak, a)
+        if peak - a > fall:
+            fell_at = int(r["step"])
+            break
+    return {"first_event": first_event, "fell_at": fell_at}
+
+
+def guard_table(runs: Dict[Tuple[str, int], Rows]) -> List[Dict[str, object]]:
+    """Per run: collapsed?, guard first event, and pass/fail (collapsed: an event before the
+    fall; default windows: no event at all)."""
+    out = []
+    for (n, s), rows in sorted(runs.items()):
+        g = guard_check(rows)
+        if n == "dispo":
+            ok = g["first_event"] is None
+        elif g["fell_at"] is not None:
+            ok = g["first_event"] is not None and g["first_event"] < g["fell_at"]
+        else:
+            ok = None  # no collapse, nothing to catch
+        out.append({"variant": n, "seed": s, **g, "pass": ok})
+    return out
+
+
+def markdown(finds: List[Dict[str, object]], guards: List[Dict[str, object]]) -> str:
+    lines = ["| finding | variant vs baseline | statistic | variant (mean ± sd) | baseline (mean ± sd) | "
+             "effect | 2 x spread | predicted | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in finds:
+        if f["reproduced"] is None:
+            lines.append(f"| {f['finding']} | {f['variant']} vs {f['baseline']} | {f['statistic']} | - | - | - | - | "
+                         f"{f['predicted']} | not measured |")
+            continue
+        lines.append(f"| {f['finding']} | {f['variant']} vs {f['baseline']} | {f['statistic']} | "
+                     f"{f['variant_mean']:.3f} ± {f['variant_sd']:.3f} | {f['base_mean']:.3f} ± {f['base_sd']:.3f} | "
+                     f"{f['effect']:+.3f} | {2 * f['spread']:.3f} | {f['predicted']} | "
+                     f"{'**reproduced**' if f['reproduced'] else 'not reproduced'} |")
+    lines += ["", f"Collapse guard (a collapse = held-out accuracy more than {FALL:.0%} below its running peak):", "",
+              "| run | first guard event (step) | accuracy fell (step) | guard |", "|---|---|---|---|"]
+    for g in guards:
+        verdict_txt = {True: "pass", False: "**FAIL**", None: "no collapse"}[g["pass"]]
+        lines.append(f"| {g['variant']} s{g['seed']} | {g['first_event'] if g['first_event'] is not None else '-'} | "
+                     f"{g['fell_at'] if g['fell_at'] is not None else '-'} | {verdict_txt} |")
+    return "\n".join(lines)
