@@ -90,13 +90,15 @@ def test_a_wheel_install_ships_and_finds_conf(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "t"),
                     str(wheel)], check=True, capture_output=True, timeout=180)
     code = ("import dispo_ray.config as c; print(c.CONF_DIR); "
-            "print(c.compose(['algorithm=cispo']).algorithm.clip_high)")
+            "print(c.compose(['algorithm=cispo']).algorithm.clip_high); "
+            "print(c.compose(['+preset=regime_lab']).data.tiny_task.style)")
     # -S: no .pth files, so the editable install of the checkout is not importable
     p = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": f"{tmp_path / 't'}{os.pathsep}{site}"})
     assert p.returncode == 0, p.stderr
-    conf_dir, clip_high = p.stdout.split()
+    conf_dir, clip_high, lab_style = p.stdout.split()
     assert conf_dir == str(tmp_path / "t" / "dispo_ray" / "conf") and float(clip_high) == 5.0
+    assert lab_style == "working"  # the preset group ships too
 
 
 def test_batch_divisibility_is_checked():
