@@ -2,7 +2,7 @@
 
 :class:`GeneratorActor` (a Ray actor) wraps one backend (``vllm`` or ``hf``, see
 ``actors.backends``) and owns everything backends share: turning prompt records into
-:class:`~dispo_ray.rollout.Sample` s (n per prompt, grouped and in sample order), the weight
+:class:`~dispo_ray.rollout.samples.Sample` s (n per prompt, grouped and in sample order), the weight
 ``version`` that tags them, the weight-sync calls, and load accounting. Calls on one actor run
 one at a time, so every sample of a ``generate`` call carries the single version that drew it.
 
@@ -26,10 +26,10 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from actors.backends.base import SamplingSpec
-from dispo_ray.data import PromptRecord
-from dispo_ray.failures import engine_root_cause, log_offset
-from dispo_ray.placement import pin, wait_for_node_resource
-from dispo_ray.rollout import Sample
+from dispo_ray.data.records import PromptRecord
+from dispo_ray.infra.failures import engine_root_cause, log_offset
+from dispo_ray.infra.placement import pin, wait_for_node_resource
+from dispo_ray.rollout.samples import Sample
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 from actors.learner_sync import LearnerSyncMixin
-from dispo_ray.logprobs import causal_token_logprobs
-from dispo_ray.losses import get_policy_loss, merge_raw_metrics
+from dispo_ray.algorithm.logprobs import causal_token_logprobs
+from dispo_ray.algorithm.losses import get_policy_loss, merge_raw_metrics
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
 
 
 class _PolicyLogProbs(torch.nn.Module):
     """Wraps a transformers causal LM so the DeepSpeed engine's forward returns per-token
-    ``(log_probs, entropy)`` (chunked LM head, see :mod:`dispo_ray.logprobs`) instead of logits."""
+    ``(log_probs, entropy)`` (chunked LM head, see :mod:`dispo_ray.algorithm.logprobs`) instead of logits."""
 
     def __init__(self, lm: torch.nn.Module, chunk_size: int):
         super().__init__()
@@ -121,7 +121,7 @@ class LearnerWorker(LearnerSyncMixin):
         self.ds_overrides = ds_config_overrides or {}
         self.engine = None
         self.sync_group = None
-        from dispo_ray.devices import sync_backend, uses_cuda
+        from dispo_ray.infra.devices import sync_backend, uses_cuda
         self._sync_backend = sync_backend(cfg)  # until the driver passes its decision
         # What Ray granted decides the device, never what the process sees: Ray leaves
         # CUDA_VISIBLE_DEVICES alone for a 0-GPU actor, so a CPU learner on a GPU node sees them all.
@@ -138,7 +138,7 @@ class LearnerWorker(LearnerSyncMixin):
     # ------------------------------------------------------------------ world and engine
     def endpoint(self) -> tuple:
         """(address, free port) of this node: rank 0's answer becomes the world's rendezvous."""
-        from dispo_ray.weight_sync import find_free_port, local_ip
+        from dispo_ray.infra.weight_sync import find_free_port, local_ip
         return local_ip(), find_free_port()
 
     def setup(self, master_addr: str, master_port: int) -> Dict[str, Any]:
@@ -152,7 +152,7 @@ class LearnerWorker(LearnerSyncMixin):
             raise RuntimeError(f"learner rank {self.rank}: DeepSpeed's accelerator is '{accel}' but this "
                                f"process has {'a GPU' if self.cuda else 'no GPU'}")
 
-        from dispo_ray.devices import assigned_cuda_index, learner_world_timeout_s
+        from dispo_ray.infra.devices import assigned_cuda_index, learner_world_timeout_s
         # the GPU Ray assigned (also under RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1, where
         # every rank sees every GPU); DeepSpeed puts the engine on cuda:LOCAL_RANK
         local = assigned_cuda_index() if self.cuda else self.rank
@@ -266,8 +266,8 @@ class LearnerWorker(LearnerSyncMixin):
 
     def set_loss_windows(self, windows: Dict[str, float]) -> Dict[str, float]:
         """Replace DISPO's clip windows (``algorithm.eps_*``) for the following ``train_step``
-        calls; only :class:`dispo_ray.windows.LossWindows` calls this. Returns the windows now in force."""
-        from dispo_ray.windows import WINDOW_KEYS
+        calls; only :class:`dispo_ray.algorithm.windows.LossWindows` calls this. Returns the windows now in force."""
+        from dispo_ray.algorithm.windows import WINDOW_KEYS
         unknown = sorted(set(windows) - set(WINDOW_KEYS))
         if unknown:
             raise KeyError(f"set_loss_windows: not a DISPO window: {unknown}")

@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from actors.learner import LearnerActor
-from dispo_ray.losses import merge_raw_metrics, summarize_metrics
-from dispo_ray.placement import pin, wait_for_node_resource
+from dispo_ray.algorithm.losses import merge_raw_metrics, summarize_metrics
+from dispo_ray.infra.placement import pin, wait_for_node_resource
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "old_log_probs", "advantages", "correct")
 
@@ -39,7 +39,7 @@ class LearnerGroup:
             if cfg.model.path is not None:
                 model_path = cfg.model.path
             else:
-                from dispo_ray.tiny import build_tiny_model
+                from dispo_ray.data.tiny import build_tiny_model
                 model_path = build_tiny_model(cfg.model)
         self.cfg, self.model_path, self.world_size = cfg, model_path, l.num_actors
         self.pg = None
@@ -70,7 +70,7 @@ class LearnerGroup:
     def _check_batch(batch: Dict[str, torch.Tensor]) -> int:
         missing = [k for k in _BATCH_KEYS if k not in batch]
         if missing:
-            raise ValueError(f"learner batch is missing {missing}; build it with dispo_ray.rollout.collate")
+            raise ValueError(f"learner batch is missing {missing}; build it with dispo_ray.rollout.samples.collate")
         return int(batch["input_ids"].shape[0])
 
     # ------------------------------------------------------------------ training
@@ -119,7 +119,7 @@ class LearnerGroup:
         return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1])) for p in parts])[:B]
 
     def set_loss_windows(self, windows: Dict[str, float]) -> Dict[str, float]:
-        """DISPO's clip windows for the next steps, on every rank (see :mod:`dispo_ray.windows`)."""
+        """DISPO's clip windows for the next steps, on every rank (see :mod:`dispo_ray.algorithm.windows`)."""
         return self._all("set_loss_windows", dict(windows))[0]
 
     # ------------------------------------------------------------------ state
@@ -149,7 +149,7 @@ class LearnerGroup:
     def init_weight_sync(self, host: str, port: int, world_size: int, wait: bool = True,
                          backend: Optional[str] = None):
         """Rank 0 joins the sync group with ``backend`` (the driver's one decision,
-        :func:`dispo_ray.devices.sync_backend`; every rank keeps it for the bucket plan). Blocks
+        :func:`dispo_ray.infra.devices.sync_backend`; every rank keeps it for the bucket plan). Blocks
         until all generators join: pass ``wait=False`` to get rank 0's ObjectRef and let the
         generators join concurrently."""
         import ray

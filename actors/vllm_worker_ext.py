@@ -87,7 +87,7 @@ class WeightSyncWorkerExtension:
         from actors.backends.base import WeightReceiver
 
         rank = rank_offset + int(self.rank)
-        # backend: the driver's one decision (dispo_ray.devices). On nccl the group binds to this
+        # backend: the driver's one decision (dispo_ray.infra.devices). On nccl the group binds to this
         # worker's device (vLLM's cuda:<visible index>) and runs on its own stream, so a stuck
         # broadcast never blocks the model runner's stream
         device = getattr(self, "device", None) if backend == "nccl" else None

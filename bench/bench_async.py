@@ -20,14 +20,14 @@ import statistics
 import time
 from typing import Dict, List
 
-from dispo_ray.config import compose
+from dispo_ray.infra.config import compose
 
 PHASES = ("timing/generate", "timing/reward", "timing/train", "timing/sync")
 
 
 def _run(k: int, steps: int, run_dir: str) -> List[Dict[str, float]]:
-    from dispo_ray.driver import Trainer
-    from dispo_ray.metrics_log import read_metrics
+    from dispo_ray.rollout.driver import Trainer
+    from dispo_ray.infra.metrics_log import read_metrics
 
     cfg = compose([f"trainer.max_staleness={k}", f"trainer.total_steps={steps}", "trainer.eval_every=0",
                    "trainer.progress_bar=false", "trainer.tensorboard=false", f"trainer.run_dir={run_dir}",

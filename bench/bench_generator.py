@@ -79,7 +79,7 @@ def vllm_row(cfg: Any, model_dir: str, prompts: List[Any], rounds: int) -> dict:
     from vllm import SamplingParams
 
     from actors.generator import GeneratorPool, make_backend
-    from dispo_ray.rollout_producer import sampling_params
+    from dispo_ray.rollout.producer import sampling_params
 
     t0 = time.perf_counter()
     pool = GeneratorPool(cfg, model_dir)
@@ -111,7 +111,7 @@ def hf_row(cfg: Any, model_dir: str, prompts: List[Any], rounds: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.generator import GeneratorPool
-    from dispo_ray.rollout_producer import sampling_params
+    from dispo_ray.rollout.producer import sampling_params
 
     g = cfg.generator
     # the actor's torch thread count (Ray sizes it from num_cpus); the baseline uses the same
@@ -153,10 +153,10 @@ def main(quick: bool = False) -> List[dict]:
     import ray
     from transformers import AutoTokenizer
 
-    from dispo_ray.config import compose
-    from dispo_ray.data import PromptDataset, data_files
-    from dispo_ray.driver import init_ray
-    from dispo_ray.warmstart import warm_started_model_dir
+    from dispo_ray.infra.config import compose
+    from dispo_ray.data.records import PromptDataset, data_files
+    from dispo_ray.rollout.driver import init_ray
+    from dispo_ray.data.warmstart import warm_started_model_dir
 
     rounds = 3 if quick else 10
     cfg = compose(["generator=vllm", "generator.num_actors=1"])

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 
 def _batch(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int = 0) -> Dict[str, torch.Tensor]:
-    from dispo_ray.rollout import Sample, collate
+    from dispo_ray.rollout.samples import Sample, collate
     g = torch.Generator().manual_seed(seed)
     samples = []
     for i in range(n):
@@ -39,7 +39,7 @@ def _batch(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int = 0) ->
 
 def _bare_step(lm, opt, batch, cfg, loss_fn) -> None:
     """The baseline: plain torch, full logits, same micro-batching, clipping and AdamW."""
-    from dispo_ray.logprobs import naive_token_logprobs
+    from dispo_ray.algorithm.logprobs import naive_token_logprobs
     mbs, tokens = cfg.learner.micro_batch_size, batch["response_mask"].sum()
     opt.zero_grad(set_to_none=True)
     for lo in range(0, batch["input_ids"].shape[0], mbs):
@@ -58,10 +58,10 @@ def _measure(zero_stage: int, quick: bool, workdir: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from actors.learner import LearnerWorker
-    from dispo_ray.config import compose
-    from dispo_ray.losses import get_policy_loss
-    from dispo_ray.tiny import build_tiny_model
-    from dispo_ray.weight_sync import find_free_port
+    from dispo_ray.infra.config import compose
+    from dispo_ray.algorithm.losses import get_policy_loss
+    from dispo_ray.data.tiny import build_tiny_model
+    from dispo_ray.infra.weight_sync import find_free_port
 
     cfg = compose(["learner.num_actors=1", f"learner.zero_stage={zero_stage}", "learner.num_cpus_per_actor=1",
                    "learner.micro_batch_size=16", "learner.mini_batches=1", f"model.cache_dir={workdir}"])

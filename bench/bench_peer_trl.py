@@ -120,7 +120,7 @@ def run_trl(py: str, spec: Dict[str, Any], tmp: str, name: str) -> Dict[str, Any
 
 
 def run_dispo(overrides: List[str], steps: int, eval_every: int, tmp: str, name: str) -> Dict[str, Any]:
-    from dispo_ray.metrics_log import read_metrics
+    from dispo_ray.infra.metrics_log import read_metrics
 
     run_dir = os.path.join(tmp, name)
     w = WORKLOAD
@@ -162,8 +162,8 @@ def heavy_model_dir(cache_dir: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dispo_ray.config import compose
-    from dispo_ray.tiny import build_tiny_model
+    from dispo_ray.infra.config import compose
+    from dispo_ray.data.tiny import build_tiny_model
 
     out = os.path.join(os.path.expanduser(cache_dir), "bench-heavy-model-v1")
     if os.path.exists(os.path.join(out, "config.json")):
@@ -209,9 +209,9 @@ def _ratio_rows(label: str, ours: Dict[str, Any], peer: Dict[str, Any], speed_on
 
 
 def main(quick: bool = False) -> List[Dict]:
-    from dispo_ray.config import compose
-    from dispo_ray.tiny_task import tiny_task_files
-    from dispo_ray.warmstart import warm_started_model_dir
+    from dispo_ray.infra.config import compose
+    from dispo_ray.data.tiny_task import tiny_task_files
+    from dispo_ray.data.warmstart import warm_started_model_dir
 
     cfg = compose([])
     model_dir = warm_started_model_dir(cfg)  # built (or reused) before anything is timed

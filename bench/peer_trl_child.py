@@ -31,9 +31,9 @@ def main(spec_path: str, out_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from dispo_ray.config import compose
-    from dispo_ray.data import load_records
-    from dispo_ray.scoring import score_in_process
+    from dispo_ray.infra.config import compose
+    from dispo_ray.data.records import load_records
+    from dispo_ray.data.scoring import score_in_process
 
     cfg = compose(spec.get("overrides", []))
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])

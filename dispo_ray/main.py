@@ -1,9 +1,9 @@
 """Entry point: ``python -m dispo_ray.main [hydra overrides]`` (also the ``dispo-train`` script).
 
 Composes ``conf/``, validates every value and then the user's data files and model folder
-(``dispo_ray.preflight``) before anything starts: a user error prints one line naming the key,
+(``dispo_ray.data.preflight``) before anything starts: a user error prints one line naming the key,
 file or row and exits 2. A run that fails later prints one line naming the root cause
-(``dispo_ray.failures.describe``: the engine's own error, Ray's memory-monitor verdict, ...), keeps
+(``dispo_ray.infra.failures.describe``: the engine's own error, Ray's memory-monitor verdict, ...), keeps
 the full traceback in ``<run_dir>/error.log`` and exits 1.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import traceback
 import hydra
 from omegaconf import DictConfig
 
-from dispo_ray.config import CONF_DIR, ConfigError, check_override_keys, load_config
+from dispo_ray.infra.config import CONF_DIR, ConfigError, check_override_keys, load_config
 
 
 def _fail(message: str, code: int) -> None:
@@ -25,15 +25,15 @@ def _fail(message: str, code: int) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from dispo_ray.preflight import check_inputs
+    from dispo_ray.data.preflight import check_inputs
 
     try:
         root = load_config(cfg)
         check_inputs(root)
     except ConfigError as e:
         _fail(str(e), 2)
-    from dispo_ray.driver import run  # Ray and the actors are imported only after validation
-    from dispo_ray.failures import describe
+    from dispo_ray.rollout.driver import run  # Ray and the actors are imported only after validation
+    from dispo_ray.infra.failures import describe
 
     try:
         run(root)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-TEST_NODE_RESOURCE = "dispo_test_group"  # what a KubeRay worker group advertises (see dispo_ray/placement.py)
+TEST_NODE_RESOURCE = "dispo_test_group"  # what a KubeRay worker group advertises (see dispo_ray/infra/placement.py)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

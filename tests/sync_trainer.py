@@ -1,4 +1,4 @@
-"""A :class:`dispo_ray.driver.Trainer` with only its weight-sync parts: a real learner group and
+"""A :class:`dispo_ray.rollout.driver.Trainer` with only its weight-sync parts: a real learner group and
 generator pool joined by ``Trainer.connect_weight_sync``, so tests drive ``sync_weights`` exactly
 as the loop does (CPU tests here, the GPU checks in tests/gpu/)."""
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import threading
 from typing import Any, List
 
-from dispo_ray.data import PromptRecord
+from dispo_ray.data.records import PromptRecord
 
 
 def sync_trainer(cfg: Any, model_path: str):
     from actors.generator import GeneratorPool
     from actors.learner_group import LearnerGroup
-    from dispo_ray.driver import Trainer
-    from dispo_ray.staleness import StalenessGate
+    from dispo_ray.rollout.driver import Trainer
+    from dispo_ray.rollout.staleness import StalenessGate
 
     t = Trainer.__new__(Trainer)  # no data, reward pool or warm start: the sync path only
     t.cfg, t.step, t.version, t._sync_lock = cfg, 0, 0, threading.RLock()

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from dispo_ray.advantages import assign_advantages, group_advantages, split_informative
-from dispo_ray.rollout import Sample, collate
+from dispo_ray.algorithm.advantages import assign_advantages, group_advantages, split_informative
+from dispo_ray.rollout.samples import Sample, collate
 
 
 def _s(uid, reward, prompt=(1, 2), resp=(3, 4), lps=(-0.5, -0.25)):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dispo_ray.config import ConfigError, compose
+from dispo_ray.infra.config import ConfigError, compose
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,7 @@ def test_a_wheel_install_ships_and_finds_conf(tmp_path):
     wheel = next((tmp_path / "dist").glob("dispo_ray-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "t"),
                     str(wheel)], check=True, capture_output=True, timeout=180)
-    code = ("import dispo_ray.config as c; print(c.CONF_DIR); "
+    code = ("import dispo_ray.infra.config as c; print(c.CONF_DIR); "
             "print(c.compose(['algorithm=cispo']).algorithm.clip_high); "
             "print(c.compose(['+preset=regime_lab']).data.tiny_task.style)")
     # -S: no .pth files, so the editable install of the checkout is not importable

@@ -148,7 +148,7 @@ def test_clip_values_reach_the_entrypoint_exactly():
 
 def test_entrypoint_is_a_valid_dispo_config(tmp_path):
     """The rendered overrides, composed and validated by the project's own config code."""
-    from dispo_ray.config import compose
+    from dispo_ray.infra.config import compose
 
     model = tmp_path / "model"
     model.mkdir()

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from dispo_ray.config import compose
-from dispo_ray.metrics_log import read_metrics
+from dispo_ray.infra.config import compose
+from dispo_ray.infra.metrics_log import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["generator=hf", "generator.max_new_tokens=16", "trainer.prompts_per_step=4", "algorithm.group_size=4",
@@ -24,7 +24,7 @@ SMALL = ["generator=hf", "generator.max_new_tokens=16", "trainer.prompts_per_ste
 
 
 def _fit(overrides):
-    from dispo_ray.driver import Trainer
+    from dispo_ray.rollout.driver import Trainer
 
     trainer = Trainer(compose(SMALL + overrides))
     try:
@@ -100,7 +100,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_generator_and_reward_worker_killed_mid_run(ray_cluster, tmp_path):
     import ray
-    from dispo_ray.driver import Trainer
+    from dispo_ray.rollout.driver import Trainer
 
     cfg = compose(SMALL + ["generator.num_actors=2", "reward.num_workers=2", "trainer.total_steps=6",
                            f"trainer.run_dir={tmp_path}", "trainer.max_staleness=1"])

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from dispo_ray.collapse_guard import CollapseGuard
-from dispo_ray.config import compose
-from dispo_ray.evaluation import avg_and_pass_at_k
-from dispo_ray.rollout import Sample
-from dispo_ray.run_state import load_driver_state, save_driver_state
-from dispo_ray.staleness import StalenessGate, StalenessViolation
-from dispo_ray.text_metrics import is_repetitive, repetition_rate, tail_repeats
+from dispo_ray.algorithm.collapse_guard import CollapseGuard
+from dispo_ray.infra.config import compose
+from dispo_ray.rollout.evaluation import avg_and_pass_at_k
+from dispo_ray.rollout.samples import Sample
+from dispo_ray.infra.run_state import load_driver_state, save_driver_state
+from dispo_ray.rollout.staleness import StalenessGate, StalenessViolation
+from dispo_ray.algorithm.text_metrics import is_repetitive, repetition_rate, tail_repeats
 
 
 def test_gate_admits_by_version_and_blocks_until_publish():

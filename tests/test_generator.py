@@ -4,7 +4,7 @@ Checks, against independently computed values:
 * samples come back n per prompt, grouped in prompt order, tagged with the weight version;
 * the sampled-token log-probs agree with a plain transformers forward pass on the same weights
   (temperature 1, top_p 1, float32: max |diff| < 1e-3) -- for vLLM and for the hf backend;
-* a real weight broadcast (``dispo_ray.weight_sync`` over gloo, this process as rank 0) lands in
+* a real weight broadcast (``dispo_ray.infra.weight_sync`` over gloo, this process as rank 0) lands in
   the running engine: log-probs then match the *new* weights, the version tag is the sender's,
   and a model whose final norm is zero gives every token exactly log(1/V);
 * a killed actor is restarted by Ray, its chunk re-issued, and it is flagged as needing a sync.
@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from conftest import TEST_NODE_RESOURCE, assigned_resources
-from dispo_ray.config import compose
-from dispo_ray.data import PromptRecord
-from dispo_ray.placement import PIN_AMOUNT
-from dispo_ray.tiny import build_tiny_model, vocab
-from dispo_ray.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
+from dispo_ray.infra.config import compose
+from dispo_ray.data.records import PromptRecord
+from dispo_ray.infra.placement import PIN_AMOUNT
+from dispo_ray.data.tiny import build_tiny_model, vocab
+from dispo_ray.infra.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
 
 TOL = 1e-3
 PROMPTS = ["12+7=", "3-45=", "9*9=", "70+1="]

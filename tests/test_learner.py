@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import TEST_NODE_RESOURCE, assigned_resources, call_on
-from dispo_ray.config import compose
-from dispo_ray.logprobs import naive_token_logprobs
-from dispo_ray.placement import PIN_AMOUNT
-from dispo_ray.rollout import Sample, collate
+from dispo_ray.infra.config import compose
+from dispo_ray.algorithm.logprobs import naive_token_logprobs
+from dispo_ray.infra.placement import PIN_AMOUNT
+from dispo_ray.rollout.samples import Sample, collate
 
 STEPS, M, LR, WARMUP = 2, 2, 1e-3, 2
 OVERRIDES = ["learner.num_actors=2", "learner.micro_batch_size=1", f"learner.mini_batches={M}",
@@ -31,7 +31,7 @@ _GROUPS = {}
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    from dispo_ray.tiny import build_tiny_model
+    from dispo_ray.data.tiny import build_tiny_model
     cfg = compose(OVERRIDES)
     return build_tiny_model(cfg.model, str(tmp_path_factory.mktemp("tiny") / "model"))
 
@@ -99,7 +99,7 @@ def _reference_run(model_path, batches, algo):
 
 @pytest.fixture(scope="module")
 def data(model_path):
-    from dispo_ray.config import compose as _c
+    from dispo_ray.infra.config import compose as _c
     batches = [_batch(s, model_path) for s in range(STEPS + 1)]
     history, params = _reference_run(model_path, batches[:STEPS], _c(OVERRIDES).algorithm)
     return {"batches": batches, "ref_history": history, "ref_params": params}
@@ -254,16 +254,16 @@ def test_hf_export_loads_and_gives_identical_logits(ray_cluster, data, tmp_path)
 
 def test_weight_sync_sends_zero3_weights_in_buckets_and_fails_on_dead_peer(ray_cluster):
     import ray
-    from dispo_ray.weight_sync import WeightSyncError, plan_buckets
+    from dispo_ray.infra.weight_sync import WeightSyncError, plan_buckets
 
     @ray.remote(num_cpus=0.1)
     class Receiver:
         def join(self, host, port):
-            from dispo_ray.weight_sync import WeightSyncGroup
+            from dispo_ray.infra.weight_sync import WeightSyncGroup
             self.g = WeightSyncGroup("gloo", host, port, 1, 2, timeout_s=20)
 
         def receive(self, manifest, bucket_bytes):
-            from dispo_ray.weight_sync import receive_weights
+            from dispo_ray.infra.weight_sync import receive_weights
             version, it = receive_weights(self.g, manifest, bucket_bytes)
             return version, {n: t.clone() for n, t in it}
 

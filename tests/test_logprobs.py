@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dispo_ray.logprobs import causal_token_logprobs, naive_token_logprobs, token_logprobs_from_hidden
+from dispo_ray.algorithm.logprobs import causal_token_logprobs, naive_token_logprobs, token_logprobs_from_hidden
 
 
 def _tiny_model(seed: int = 0):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dispo_ray.losses import (aggregate, get_policy_loss, merge_raw_metrics, registered_losses,
+from dispo_ray.algorithm.losses import (aggregate, get_policy_loss, merge_raw_metrics, registered_losses,
                               summarize_metrics)
 
 DISPO_CFG = {"eps_low_pos": 0.2, "eps_high_pos": 10.0, "eps_low_neg": 0.3, "eps_high_neg": 0.5,

@@ -1,4 +1,4 @@
-"""Pinning pools to node groups (dispo_ray/placement.py) on the real local Ray: a pinned pool's
+"""Pinning pools to node groups (dispo_ray/infra/placement.py) on the real local Ray: a pinned pool's
 actors are granted the group's resource, and a pool pinned to a group that no node advertises
 fails within its start timeout with one line naming the key (before any actor is started)."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import time
 import pytest
 
 from conftest import TEST_NODE_RESOURCE, assigned_resources
-from dispo_ray.config import ConfigError, compose
-from dispo_ray.placement import PIN_AMOUNT, pin
+from dispo_ray.infra.config import ConfigError, compose
+from dispo_ray.infra.placement import PIN_AMOUNT, pin
 
 
 def test_pin_requests_a_token_of_the_resource():

@@ -1,5 +1,5 @@
 """``python -m dispo_ray.prepare`` on hand-written fixtures in each source layout; the output
-loads through ``dispo_ray.data`` with the default keys and yields the hand-derived answers."""
+loads through ``dispo_ray.data.records`` with the default keys and yields the hand-derived answers."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dispo_ray.config import compose
-from dispo_ray.data import DataError, load_records
+from dispo_ray.infra.config import compose
+from dispo_ray.data.records import DataError, load_records
 from dispo_ray.prepare import convert, last_boxed, main
 
 GSM8K = [

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from dispo_ray.config import compose
-from dispo_ray.scoring import REASONS
+from dispo_ray.infra.config import compose
+from dispo_ray.data.scoring import REASONS
 
 MARK = "pwned-marker"
 TIMEOUT_S = 1.0
@@ -172,7 +172,7 @@ def test_dead_worker_is_replaced_and_its_chunk_rescored(pool_factory):
 
 
 def test_score_samples_fills_fields_and_rejects_bad_items(pool_factory):
-    from dispo_ray.rollout import Sample
+    from dispo_ray.rollout.samples import Sample
 
     pool = pool_factory(["reward.num_workers=1", "reward.overlong_buffer=8",
                          "generator.max_new_tokens=16"])

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dispo_ray.startup import StartupClock, start_concurrently
+from dispo_ray.rollout.startup import StartupClock, start_concurrently
 
 
 def test_pools_start_concurrently_and_each_is_timed():

@@ -113,7 +113,7 @@ def test_hf_backend_logprobs_match_a_forward_pass_on_the_qwen_folder():
 
 # ------------------------------------------------------------------ bad inputs: one line each
 def _bad_parquet(tmp_path, rows, name):
-    from dispo_ray.tiny_task import write_parquet
+    from dispo_ray.data.tiny_task import write_parquet
     path = tmp_path / name
     write_parquet(rows, str(path))
     return str(path)
@@ -163,7 +163,7 @@ def test_bad_user_inputs_are_one_line_before_anything_starts(tmp_path):
 
 # ------------------------------------------------------------------ a dying engine
 def test_root_cause_is_read_from_the_engine_log(tmp_path):
-    from dispo_ray import failures
+    from dispo_ray.infra import failures
 
     log = tmp_path / "worker.err"
     log.write_text("old noise\nValueError: from an earlier call\n")
@@ -179,12 +179,12 @@ def test_root_cause_is_read_from_the_engine_log(tmp_path):
     assert str(err) == f"generator 0: vllm generate failed: RuntimeError: CPU Generator does not use offset; full log: {log}"
     # the driver sees it wrapped by Ray, pages long; describe() keeps the one line
     wrapped = RuntimeError("ray::GeneratorActor.generate() (pid=9)\n  File x\n" + "  frame\n" * 40 +
-                           f"dispo_ray.failures.EngineFailure: {err}\n")
+                           f"dispo_ray.infra.failures.EngineFailure: {err}\n")
     assert failures.describe(wrapped) == str(err)
 
 
 def test_memory_monitor_verdict_names_actor_memory_and_knobs():
-    from dispo_ray.failures import describe
+    from dispo_ray.infra.failures import describe
 
     text = ("The actor is dead because its worker process has died. Worker exit type: NODE_OUT_OF_MEMORY "
             "Worker exit detail: Task was killed due to the node running low on memory.\nMemory on the node "
@@ -205,12 +205,12 @@ def test_engine_that_cannot_start_names_its_root_cause(ray_cluster, tmp_path):
     import ray
 
     from actors.generator import GeneratorActor
-    from dispo_ray.config import compose
-    from dispo_ray.failures import describe
+    from dispo_ray.infra.config import compose
+    from dispo_ray.infra.failures import describe
 
     cfg = compose([f"model.path={qwen_model_dir(head_dim=16, layers=1)}", "data.max_prompt_length=32",
                    "generator.max_new_tokens=4"])
-    from dispo_ray.data import PromptRecord
+    from dispo_ray.data.records import PromptRecord
 
     actor = ray.remote(GeneratorActor).options(num_cpus=0.5, max_restarts=0).remote(cfg, cfg.model.path, 0)
     record = PromptRecord(uid="t/0", prompt="hi", prompt_token_ids=[9707, 11, 1879], ground_truth="1", data_source="t")

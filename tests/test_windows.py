@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from dispo_ray.adaptive_windows import AdaptiveWindows
-from dispo_ray.collapse_guard import CollapseGuard
-from dispo_ray.config import ConfigError, compose
-from dispo_ray.windows import LossWindows, widen
+from dispo_ray.algorithm.adaptive_windows import AdaptiveWindows
+from dispo_ray.algorithm.collapse_guard import CollapseGuard
+from dispo_ray.infra.config import ConfigError, compose
+from dispo_ray.algorithm.windows import LossWindows, widen
 
 
 def test_widen_acts_on_the_bounds_in_ratio_space_and_stops_at_the_limit():

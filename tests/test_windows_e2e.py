@@ -8,9 +8,9 @@ import json
 import pytest
 
 from conftest import call_on
-from dispo_ray import driver
-from dispo_ray.config import compose
-from dispo_ray.metrics_log import read_metrics
+from dispo_ray.rollout import driver
+from dispo_ray.infra.config import compose
+from dispo_ray.infra.metrics_log import read_metrics
 from test_driver_e2e import SMALL, _train_steps
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from dispo_ray.weight_sync import ParamSpec, WeightSyncGroup, receive_weights
+from dispo_ray.infra.weight_sync import ParamSpec, WeightSyncGroup, receive_weights
 
 
 @dataclass

@@ -16,10 +16,10 @@ import time
 import pytest
 import torch
 
-from dispo_ray.config import compose
-from dispo_ray.data import PromptRecord
-from dispo_ray.tiny import build_tiny_model, vocab
-from dispo_ray.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
+from dispo_ray.infra.config import compose
+from dispo_ray.data.records import PromptRecord
+from dispo_ray.data.tiny import build_tiny_model, vocab
+from dispo_ray.infra.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
 
 pytestmark = pytest.mark.gpu
 TOL = 2e-3  # float32 on GPU: TF32 / kernel differences

@@ -17,7 +17,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _batch(n: int, prompt: int, resp: int, vocab: int, seed: int = 0):
-    from dispo_ray.rollout import Sample, collate
+    from dispo_ray.rollout.samples import Sample, collate
     g = torch.Generator().manual_seed(seed)
     samples = [Sample(str(i), torch.randint(4, vocab, (prompt,), generator=g).tolist(),
                       torch.randint(4, vocab, (resp,), generator=g).tolist(),
@@ -31,7 +31,7 @@ def _batch(n: int, prompt: int, resp: int, vocab: int, seed: int = 0):
 def test_deepspeed_bf16_step_on_cuda(ray_cluster, tmp_path, stage, checkpointing):
     """ZeRO-2, and ZeRO-3 (model built inside zero.Init) with gradient checkpointing."""
     from actors.learner_group import LearnerGroup
-    from dispo_ray.config import compose
+    from dispo_ray.infra.config import compose
     cfg = compose(["learner.num_actors=1", "learner.num_gpus_per_actor=1", "learner.num_cpus_per_actor=1",
                    f"learner.zero_stage={stage}", f"learner.gradient_checkpointing={checkpointing}",
                    "model.dtype=bfloat16", "learner.micro_batch_size=4", f"model.cache_dir={tmp_path}/cache"])
@@ -70,7 +70,7 @@ def _peak(fn) -> int:
 def test_chunked_logprob_peak_memory_vs_full_logits():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dispo_ray.logprobs import causal_token_logprobs, naive_token_logprobs
+    from dispo_ray.algorithm.logprobs import causal_token_logprobs, naive_token_logprobs
     vocab, B, T = 151_936, 8, 1024  # a Qwen-sized vocabulary
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=T,

@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 import torch
 
-from dispo_ray.config import compose
+from dispo_ray.infra.config import compose
 
 pytestmark = pytest.mark.gpu
 ABS_TOL, MEAN_TOL = 0.15, 0.03  # bf16 weights on both sides, different kernels (vLLM vs HF)
@@ -33,9 +33,9 @@ def test_trainer_sync_over_nccl_in_bf16_matches_learner_logprobs(ray_cluster, tm
         pytest.skip(_skip_reason(1 + tp))
     import ray
 
-    from dispo_ray.devices import sync_backend
-    from dispo_ray.rollout import collate
-    from dispo_ray.tiny import build_tiny_model
+    from dispo_ray.infra.devices import sync_backend
+    from dispo_ray.rollout.samples import collate
+    from dispo_ray.data.tiny import build_tiny_model
     from sync_trainer import records, sync_trainer
     from test_gpu_learner import _batch
 

@@ -65,7 +65,7 @@ def _digest(ts) -> dict:
 def _receiver(port, big_mb, q, die_after=None):
     _env("dispo-receiver")
     try:
-        from dispo_ray.weight_sync import WeightSyncGroup, make_manifest, receive_weights
+        from dispo_ray.infra.weight_sync import WeightSyncGroup, make_manifest, receive_weights
         group = WeightSyncGroup("nccl", "127.0.0.1", port, 1, 2, timeout_s=TIMEOUT, device=torch.device("cuda", 0),
                                 join_timeout_s=120)
         manifest = make_manifest(_tensors(big_mb).items())  # same names/shapes/dtypes as the sender
@@ -84,7 +84,7 @@ def _receiver(port, big_mb, q, die_after=None):
 
 def _sender(ports, big_mb, q):
     _env("dispo-sender")
-    from dispo_ray.weight_sync import WeightSyncError, WeightSyncGroup, make_manifest, send_weights
+    from dispo_ray.infra.weight_sync import WeightSyncError, WeightSyncGroup, make_manifest, send_weights
     ts = _tensors(big_mb)
     manifest = make_manifest(ts.items())
     q.put(("digest", _digest(ts)))

@@ -1,7 +1,7 @@
 """What the driver does after each update besides logging: the collapse guard's action and the
 adaptive windows (:func:`after_step`), and the collapse guard's rollback itself (:func:`roll_back`).
 
-A rollback to checkpoint c (chosen by :class:`~dispo_ray.collapse_guard.CollapseGuard`):
+A rollback to checkpoint c (chosen by :class:`~dispo_ray.algorithm.collapse_guard.CollapseGuard`):
 
     1. the rollout producer is stopped and dropped with every batch it had queued or in flight:
        under asynchrony (``max_staleness = k >= 1``) those were sampled by weights of the
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-from dispo_ray.collapse_guard import Response
+from dispo_ray.algorithm.collapse_guard import Response
 
 
 def after_step(trainer: Any, metrics: Dict[str, float], log: Any) -> Optional[Response]:
@@ -55,9 +55,9 @@ def after_step(trainer: Any, metrics: Dict[str, float], log: Any) -> Optional[Re
 
 def roll_back(trainer: Any, step: int) -> None:
     """Restore checkpoint ``step`` and restart the rollout side from it (see the module docstring)."""
-    from dispo_ray.rollout_producer import RolloutProducer
-    from dispo_ray.run_state import checkpoint_dir, load_driver_state, mark_latest, save_driver_state
-    from dispo_ray.staleness import StalenessGate
+    from dispo_ray.rollout.producer import RolloutProducer
+    from dispo_ray.infra.run_state import checkpoint_dir, load_driver_state, mark_latest, save_driver_state
+    from dispo_ray.rollout.staleness import StalenessGate
 
     cfg = trainer.cfg
     trainer.producer.stop()

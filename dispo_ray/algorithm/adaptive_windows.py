@@ -7,7 +7,7 @@ Which window moves for which signal follows the paper's four regimes (../shared/
     length collapse; correct, w > 1 raises entropy, correct, w < 1 lowers it.
 
 Control law, once per step s, from the step's metrics (rollout metrics of the batch trained at s,
-learner metrics of that update); ``widen`` is :func:`dispo_ray.windows.widen` with
+learner metrics of that update); ``widen`` is :func:`dispo_ray.algorithm.windows.widen` with
 ``step_factor`` (ratio space: ``1 + eps_high`` times f, ``1 - eps_low`` divided by f), capped at
 ``window_max``; ``relax`` moves ``relax`` of the way back: ``eps + relax * (configured - eps)``:
 
@@ -30,14 +30,14 @@ the relax rate set how much hysteresis there is. The new windows apply from the 
 reacts k steps later, which the small per-step factor tolerates. With the collapse guard's
 rollback also on, a window it widened is relaxed like any other once its signal is in band.
 The controller keeps no state beyond the windows themselves (saved with every checkpoint by
-:class:`~dispo_ray.windows.LossWindows`), so a resumed run continues with the adapted windows.
+:class:`~dispo_ray.algorithm.windows.LossWindows`), so a resumed run continues with the adapted windows.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, Dict, Mapping, Tuple
 
-from dispo_ray.windows import widen
+from dispo_ray.algorithm.windows import widen
 
 # window -> (metric, out of band?)
 RULES: Dict[str, Tuple[str, Callable[[float, Any], bool]]] = {

@@ -1,5 +1,5 @@
 """The rollout side of the loop: a background thread that turns prompts into training batches,
-in step order, each one admitted by the :class:`~dispo_ray.staleness.StalenessGate`.
+in step order, each one admitted by the :class:`~dispo_ray.rollout.staleness.StalenessGate`.
 
 For step ``s`` (once the gate admits it):
 
@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from dispo_ray.advantages import group_by_prompt, is_informative
-from dispo_ray.rollout import Sample
-from dispo_ray.staleness import StalenessGate
+from dispo_ray.algorithm.advantages import group_by_prompt, is_informative
+from dispo_ray.rollout.samples import Sample
+from dispo_ray.rollout.staleness import StalenessGate
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The group lives outside the DeepSpeed world: rank 0 is learner rank 0 (it hosts the rendezvous
 store), ranks 1..N are the generator workers. Backends share one small surface
-(:class:`WeightSyncGroup`, in :mod:`dispo_ray.sync_transport` with the readiness gate): ``gloo``
+(:class:`WeightSyncGroup`, in :mod:`dispo_ray.infra.sync_transport` with the readiness gate): ``gloo``
 over a private ``TCPStore`` on CPU, ``nccl`` through vLLM's ``StatelessProcessGroup`` +
 ``PyNcclCommunicator`` on GPU (vLLM 0.32 API). This module is the protocol, the same on both.
 
@@ -34,8 +34,8 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 
 import torch
 
-# the transport (group, readiness gate, errors) lives in dispo_ray.sync_transport; re-exported here
-from dispo_ray.sync_transport import (SyncGate, WeightSyncError, WeightSyncGroup,  # noqa: F401
+# the transport (group, readiness gate, errors) lives in dispo_ray.infra.sync_transport; re-exported here
+from dispo_ray.infra.sync_transport import (SyncGate, WeightSyncError, WeightSyncGroup,  # noqa: F401
                                       find_free_port, local_ip)
 
 SEND_AHEAD = 2  # broadcasts the sender keeps in flight while it packs / gathers the next bucket
@@ -193,7 +193,7 @@ class SyncSender:
     order, then ``end()``. The caller supplies each bucket's tensors, so it can gather lazily.
 
     ``begin`` first waits until every receiver is ready (``ready_timeout_s``, None: no deadline;
-    see :mod:`dispo_ray.sync_transport`), so no deadline-bounded collective starts while a
+    see :mod:`dispo_ray.infra.sync_transport`), so no deadline-bounded collective starts while a
     receiver is still busy; every collective after that has the group's ``timeout_s``."""
 
     def __init__(self, group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int,

@@ -12,8 +12,8 @@
     warn      a warning line and a guard event (``collapse_events`` in summary.json)
     stop      also save a checkpoint and stop the run
     rollback  restore the newest checkpoint from before the streak, widen the signal's window by
-              ``widen_factor`` (:func:`dispo_ray.windows.widen`, up to ``algorithm.window_max``)
-              and continue (:mod:`dispo_ray.rollback` does it)
+              ``widen_factor`` (:func:`dispo_ray.algorithm.windows.widen`, up to ``algorithm.window_max``)
+              and continue (:mod:`dispo_ray.algorithm.rollback` does it)
 
 Which checkpoint: a signal firing at step S began its streak at ``b = S - patience + 1``. The
 weights of checkpoint c (saved after c updates) sampled the batches trained at steps c+1 ..
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from dispo_ray.windows import widen
+from dispo_ray.algorithm.windows import widen
 
 SIGNALS = {
     "repetition": ("rollout/repetition", lambda v, c: v > c.repetition_max),

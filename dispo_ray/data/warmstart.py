@@ -32,8 +32,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from dispo_ray.tiny import build_tiny_model, tiny_config_hash
-from dispo_ray.tiny_task import _task_hash, make_problems, prompt_text, response_text
+from dispo_ray.data.tiny import build_tiny_model, tiny_config_hash
+from dispo_ray.data.tiny_task import _task_hash, make_problems, prompt_text, response_text
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: stops at a dev-slice target accuracy
@@ -52,7 +52,7 @@ def warmstart_dir(cfg: Any) -> str:
 
 def _pairs(tokenizer: Any, rows: Sequence[Dict[str, Any]], style: str = "answer") -> List[Tuple[List[int], List[int]]]:
     """(prompt ids with <s>, response ids ending in </s>) for each problem; the prompt is tokenized
-    exactly as :func:`dispo_ray.data.render_prompt` does for a template-less tokenizer."""
+    exactly as :func:`dispo_ray.data.records.render_prompt` does for a template-less tokenizer."""
     out = []
     for r in rows:
         e = r["extra_info"]

@@ -12,7 +12,7 @@ in the forward and in the backward pass (the chunk is recomputed there; when all
 chunk nothing is recomputed, since keeping that one chunk is within the same bound). The gradient flows
 through ``log p`` into ``h`` and ``W``; the entropy is a detached metric.
 
-Causal-LM convention (see ``dispo_ray.rollout``): position ``t`` of a ``[B, T]`` batch holds
+Causal-LM convention (see ``dispo_ray.rollout.samples``): position ``t`` of a ``[B, T]`` batch holds
 ``log p(input_ids[:, t] | input_ids[:, :t])``, computed from the hidden state at ``t - 1``;
 position 0 has no prediction and gets 0.
 """

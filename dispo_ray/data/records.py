@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from dispo_ray.validation import ConfigError
+from dispo_ray.infra.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def data_files(cfg: Any) -> Tuple[List[str], List[str]]:
     """``(train_files, val_files)`` from ``cfg.data``; the tiny task's parquet when train_files is empty."""
     train, val = list(cfg.data.train_files), list(cfg.data.val_files)
     if not train:
-        from dispo_ray.tiny_task import tiny_task_files
+        from dispo_ray.data.tiny_task import tiny_task_files
         t, v = tiny_task_files(cfg)
         train, val = [t], (val or [v])
     return train, val

@@ -1,7 +1,7 @@
 """Typed schema of the run configuration, and where Hydra finds ``conf/``.
 
 Hydra composes ``conf/``; :func:`load_config` merges the result into these dataclasses (which
-rejects unknown keys and wrong types) and :func:`dispo_ray.validation.validate` checks ranges,
+rejects unknown keys and wrong types) and :func:`dispo_ray.infra.validation.validate` checks ranges,
 enums, divisibility and paths. Every user error becomes one :class:`ConfigError` line naming the
 key, the value and what is allowed; ``dispo_ray.main`` prints it and exits non-zero before Ray
 starts.
@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dispo_ray.validation import ConfigError, validate  # noqa: F401 - ConfigError is part of this API
+from dispo_ray.infra.validation import ConfigError, validate  # noqa: F401 - ConfigError is part of this API
 
 
 @dataclass
@@ -30,7 +30,7 @@ class WindowMaxConfig:
 
 @dataclass
 class AdaptiveWindowsConfig:
-    """Bands of dispo_ray.adaptive_windows: a window widens while its signal is out of band."""
+    """Bands of dispo_ray.algorithm.adaptive_windows: a window widens while its signal is out of band."""
     enabled: bool = MISSING
     repetition_max: float = MISSING  # share of repetitive responses; above: widen eps_high_neg
     length_min: float = MISSING  # mean response length (tokens); below: widen eps_low_neg
@@ -178,7 +178,7 @@ class RewardConfig:
 @dataclass
 class CollapseGuardConfig:
     enabled: bool = MISSING
-    action: str = MISSING  # warn | stop | rollback (dispo_ray.collapse_guard)
+    action: str = MISSING  # warn | stop | rollback (dispo_ray.algorithm.collapse_guard)
     stop_on_trigger: Optional[bool] = None  # deprecated alias: true = action=stop (resolve_aliases)
     patience: int = MISSING  # consecutive steps a signal must hold
     repetition_max: float = MISSING
@@ -305,8 +305,8 @@ def to_dict(c: RootConfig) -> dict:
 
 def _conf_dir() -> str:
     """The checkout's ``conf/`` (source tree, editable install), else the copy a wheel ships as
-    ``dispo_ray/conf``."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    ``dispo_ray/conf``. This file is ``dispo_ray/infra/config.py``: the package is two levels up."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for d in (os.path.join(os.path.dirname(package), "conf"), os.path.join(package, "conf")):
         if os.path.isfile(os.path.join(d, "config.yaml")):
             return d

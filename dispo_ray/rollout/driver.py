@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from dispo_ray.advantages import assign_advantages
-from dispo_ray.config import RootConfig, to_dict
-from dispo_ray.rollout import collate
-from dispo_ray.startup import StartupClock, start_concurrently
+from dispo_ray.algorithm.advantages import assign_advantages
+from dispo_ray.infra.config import RootConfig, to_dict
+from dispo_ray.rollout.samples import collate
+from dispo_ray.rollout.startup import StartupClock, start_concurrently
 
 
 def cluster_address(cfg: RootConfig) -> Optional[str]:
@@ -64,7 +64,7 @@ def seed_everything(seed: int) -> None:
 
 
 def rollout_metrics(batch: Any) -> Dict[str, float]:
-    from dispo_ray.text_metrics import repetition_rate
+    from dispo_ray.algorithm.text_metrics import repetition_rate
 
     gen = batch.generated
     n = max(len(gen), 1)
@@ -91,9 +91,9 @@ class Trainer:
         from actors.generator import GeneratorPool
         from actors.learner_group import LearnerGroup
         from actors.reward_pool import RewardPool
-        from dispo_ray.data import PromptDataset, data_files
-        from dispo_ray.staleness import StalenessGate
-        from dispo_ray.warmstart import warm_started_model_dir
+        from dispo_ray.data.records import PromptDataset, data_files
+        from dispo_ray.rollout.staleness import StalenessGate
+        from dispo_ray.data.warmstart import warm_started_model_dir
         from transformers import AutoTokenizer
 
         self.cfg, tr = cfg, cfg.trainer
@@ -134,11 +134,11 @@ class Trainer:
     # ------------------------------------------------------------------ weight sync
     def connect_weight_sync(self) -> None:
         """Form the sync group: learner rank 0 (store host) + every generator worker, all with the
-        one backend :func:`dispo_ray.devices.sync_backend` decides; then watch its readiness."""
+        one backend :func:`dispo_ray.infra.devices.sync_backend` decides; then watch its readiness."""
         import ray
 
-        from dispo_ray.devices import sync_backend
-        from dispo_ray.weight_sync import SyncGate
+        from dispo_ray.infra.devices import sync_backend
+        from dispo_ray.infra.weight_sync import SyncGate
 
         cfg = self.cfg
         with self._sync_lock:
@@ -232,7 +232,7 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> Dict[str, float]:
-        from dispo_ray.evaluation import avg_and_pass_at_k
+        from dispo_ray.rollout.evaluation import avg_and_pass_at_k
 
         tr, out = self.cfg.trainer, {}
         t0 = time.perf_counter()
@@ -255,7 +255,7 @@ class Trainer:
                 "guard": self.guard.state_dict(), "windows": self.windows.state_dict()}
 
     def save(self, producer: Any) -> str:
-        from dispo_ray.run_state import checkpoint_dir, mark_latest, save_driver_state
+        from dispo_ray.infra.run_state import checkpoint_dir, mark_latest, save_driver_state
 
         path = checkpoint_dir(self.run_dir, self.step)
         self.learners.save_checkpoint(os.path.join(path, "learner"))
@@ -265,7 +265,7 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        from dispo_ray.run_state import latest_checkpoint, load_driver_state
+        from dispo_ray.infra.run_state import latest_checkpoint, load_driver_state
 
         path = latest_checkpoint(self.run_dir)
         if path is None:
@@ -289,12 +289,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Dict[str, Any]:
-        from dispo_ray.adaptive_windows import AdaptiveWindows
-        from dispo_ray.collapse_guard import CollapseGuard
-        from dispo_ray.metrics_log import MetricsLogger
-        from dispo_ray.rollback import after_step, roll_back
-        from dispo_ray.rollout_producer import RolloutProducer
-        from dispo_ray.windows import LossWindows
+        from dispo_ray.algorithm.adaptive_windows import AdaptiveWindows
+        from dispo_ray.algorithm.collapse_guard import CollapseGuard
+        from dispo_ray.infra.metrics_log import MetricsLogger
+        from dispo_ray.algorithm.rollback import after_step, roll_back
+        from dispo_ray.rollout.producer import RolloutProducer
+        from dispo_ray.algorithm.windows import LossWindows
 
         cfg, tr = self.cfg, self.cfg.trainer
         self.guard = CollapseGuard(tr.collapse_guard, tr.max_staleness)
@@ -334,7 +334,7 @@ class Trainer:
                 if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.total_steps:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
-                response = after_step(self, metrics, log)  # guard, windows: dispo_ray/rollback.py
+                response = after_step(self, metrics, log)  # guard, windows: dispo_ray/algorithm/rollback.py
                 log.log(self.step, metrics)  # step N: after N updates
                 if response is not None and response.action == "rollback":
                     roll_back(self, response.restored_step)

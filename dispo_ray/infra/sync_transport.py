@@ -127,7 +127,7 @@ def _handshake(store: Any, backend: str, rank: int, world_size: int, timeout_s: 
         mine = f"rank {rank} speaks {backend}"
         theirs = ", ".join(f"rank {r} speaks {b}" for r, b in sorted(wrong.items()))
         raise WeightSyncError(f"weight sync backend mismatch: {mine}, {theirs} (the driver decides it "
-                              "once, dispo_ray.devices.sync_backend, and passes it to both sides)")
+                              "once, dispo_ray.infra.devices.sync_backend, and passes it to both sides)")
 
 
 class WeightSyncGroup:
@@ -151,7 +151,7 @@ class WeightSyncGroup:
         if backend == "gloo":
             self.device = torch.device("cpu")
         else:
-            from dispo_ray.devices import assigned_cuda_index
+            from dispo_ray.infra.devices import assigned_cuda_index
             device = torch.device(device) if device is not None else torch.device("cuda", assigned_cuda_index())
             # an explicit index: tensors report one, and device equality decides zero-copy paths
             self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())

@@ -2,7 +2,7 @@
 Ray, the warm start or any actor starts (:func:`check_inputs`).
 
 * every data file (``data.train_files``, ``val_files``, ``extra_eval_files``): readable, the prompt
-  and ground-truth columns present, every row usable (``dispo_ray.data.check_rows``: file and row
+  and ground-truth columns present, every row usable (``dispo_ray.data.records.check_rows``: file and row
   named; counted instead with ``data.skip_bad_rows``);
 * the model folder (``model.path``): a ``config.json`` transformers can read, a tokenizer that
   loads and fits the embedding (``len(tokenizer) <= vocab_size``), an architecture the chosen
@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, List
 
-from dispo_ray.validation import ConfigError
+from dispo_ray.infra.validation import ConfigError
 
 
 class InputError(ConfigError):
@@ -25,7 +25,7 @@ class InputError(ConfigError):
 
 
 def check_data_files(cfg: Any) -> None:
-    from dispo_ray.data import DataError, check_rows, read_rows
+    from dispo_ray.data.records import DataError, check_rows, read_rows
 
     d = cfg.data
     for group in ("train_files", "val_files", "extra_eval_files"):

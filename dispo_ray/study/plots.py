@@ -1,24 +1,24 @@
 """The regime lab's own outputs, beside the study's common plots and table: the four regimes'
 token and clip fractions over training, the entropy of correct vs incorrect responses, the spread
-of the importance ratio, and ``verdicts.md`` (:mod:`dispo_ray.lab_verdicts`)."""
+of the importance ratio, and ``verdicts.md`` (:mod:`dispo_ray.study.verdicts`)."""
 from __future__ import annotations
 
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from dispo_ray.lab_verdicts import findings, guard_table, markdown
-from dispo_ray.losses import REGIMES
+from dispo_ray.study.verdicts import findings, guard_table, markdown
+from dispo_ray.algorithm.losses import REGIMES
 
 
 def _load(out: str, names: Sequence[str], seeds: Sequence[int]) -> Dict[Tuple[str, int], List[dict]]:
-    from dispo_ray.metrics_log import read_metrics
+    from dispo_ray.infra.metrics_log import read_metrics
 
     return {(n, s): read_metrics(os.path.join(out, "runs", f"{n}_s{s}")) for n in names for s in seeds
             if os.path.exists(os.path.join(out, "runs", f"{n}_s{s}", "metrics.jsonl"))}
 
 
 def _mean_curve(runs, name: str, seeds: Sequence[int], key: str):
-    from dispo_ray.study import _series
+    from dispo_ray.study.runner import _series
 
     curves = [dict(_series(runs[(name, s)], key)) for s in seeds if (name, s) in runs]
     xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []

@@ -37,7 +37,7 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(c: Any) -> None:
     """Check every value users can set; raise ConfigError naming the first bad key."""
-    from dispo_ray.losses import registered_losses  # registry is the source of truth for names
+    from dispo_ray.algorithm.losses import registered_losses  # registry is the source of truth for names
 
     a = c.algorithm
     names = registered_losses()
@@ -72,7 +72,7 @@ def validate(c: Any) -> None:
     m = c.model
     _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype,
            "one of float32, bfloat16, float16")
-    # model.path: the folder itself is checked by dispo_ray.preflight (config, tokenizer, engine support)
+    # model.path: the folder itself is checked by dispo_ray.data.preflight (config, tokenizer, engine support)
     t = m.tiny
     for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
               "max_position_embeddings"):

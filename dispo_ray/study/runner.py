@@ -50,8 +50,8 @@ CURVES = (("eval/accuracy", "held-out accuracy (avg@k)"), ("actor/entropy", "mea
 
 def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str],
             common: Sequence[str] = tuple(COMMON)) -> str:
-    from dispo_ray.config import compose
-    from dispo_ray.driver import Trainer
+    from dispo_ray.infra.config import compose
+    from dispo_ray.rollout.driver import Trainer
 
     run_dir = os.path.join(out, "runs", f"{name}_s{seed}")
     if os.path.exists(os.path.join(run_dir, "summary.json")):
@@ -96,7 +96,7 @@ def summarize(out: str, names: Sequence[str], seeds: Sequence[int], target_gain:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from dispo_ray.metrics_log import read_metrics
+    from dispo_ray.infra.metrics_log import read_metrics
 
     runs = {(n, s): read_metrics(os.path.join(out, "runs", f"{n}_s{s}")) for n in names for s in seeds
             if os.path.exists(os.path.join(out, "runs", f"{n}_s{s}", "metrics.jsonl"))}
@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if "--" in argv:
         extra = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dispo_ray.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--lab", action="store_true", help="the regime lab (conf/preset/regime_lab.yaml)")
     p.add_argument("--steps", type=int, default=None, help="default 60, 120 with --lab")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -171,8 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     if not args.summarize_only:
-        from dispo_ray.config import compose
-        from dispo_ray.driver import init_ray
+        from dispo_ray.infra.config import compose
+        from dispo_ray.rollout.driver import init_ray
         init_ray(compose(common + extra))
         for s in args.seeds:
             for n in args.only:
@@ -183,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
     if args.lab:
-        from dispo_ray.lab_plots import lab_outputs
+        from dispo_ray.study.plots import lab_outputs
         table += "\n\n" + lab_outputs(args.out, args.only, args.seeds)
     if args.summarize_only:
         print(table)

@@ -1,0 +1,1 @@
+"""The policy loss and its clip windows: changes when the algorithm does."""

@@ -1,0 +1,1 @@
+"""Infrastructure (config, devices, placement, weight sync, run state, failures): changes when the cluster or the machinery does."""

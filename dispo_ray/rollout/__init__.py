@@ -1,0 +1,1 @@
+"""Rollout and the training driver (sampling, staleness, evaluation, the loop): changes when how a step runs does."""

@@ -1,0 +1,1 @@
+"""The regime study and lab (runs, verdicts, plots): changes when the study does."""
