@@ -66,6 +66,8 @@ def validate(c: Any) -> None:
     _check(aw.length_min >= 0, "algorithm.adaptive_windows.length_min", aw.length_min, ">= 0")
     _check(0 <= aw.entropy_correct_min < aw.entropy_correct_max, "algorithm.adaptive_windows.entropy_correct_min",
            aw.entropy_correct_min, f">= 0 and < algorithm.adaptive_windows.entropy_correct_max={aw.entropy_correct_max}")
+    _check(0 < aw.clip_frac_max <= 1, "algorithm.adaptive_windows.clip_frac_max", aw.clip_frac_max,
+           "in (0, 1] (1 = never widen for clipping)")
     _check(aw.step_factor > 1, "algorithm.adaptive_windows.step_factor", aw.step_factor, "> 1")
     _check(0 <= aw.relax <= 1, "algorithm.adaptive_windows.relax", aw.relax, "in [0, 1] (0 = never relax)")
 

@@ -85,6 +85,22 @@ def test_controller_stays_between_configured_value_and_limit():
     assert cur["eps_high_pos"] == 10.0  # relax = 1: straight back to the configured value, never below
 
 
+def test_controller_widens_a_window_that_clips_most_of_its_regime():
+    a = compose(AW + ["algorithm.adaptive_windows.clip_frac_max=0.5", "algorithm.eps_low_neg=0"]).algorithm
+    w = LossWindows(a)  # configured: low_neg 0 (every incorrect token with r < 1 clipped), high_neg 0
+    ctl = AdaptiveWindows(a.adaptive_windows, w.configured, w.limits)
+    in_band = {"rollout/repetition": 0.0, "rollout/response_length": 40.0, "actor/entropy_correct": 0.1}
+    cur = ctl.propose({**in_band, "regime/neg_low/clip_frac": 1.0, "regime/neg_high/clip_frac": 0.3}, w.current)
+    # neg_low clipped 100% > 0.5: eps_low_neg 1 - 1/1.5 = 1/3; neg_high 30% and repetition in band: stays at 0
+    assert cur["eps_low_neg"] == pytest.approx(1 / 3) and cur["eps_high_neg"] == 0.0
+    cur = ctl.propose({**in_band, "regime/neg_low/clip_frac": 0.6}, cur)
+    assert cur["eps_low_neg"] == pytest.approx(1 - (2 / 3) / 1.5)  # still above the band: 5/9
+    cur = ctl.propose({**in_band, "regime/neg_low/clip_frac": 0.1}, cur)
+    assert cur["eps_low_neg"] == pytest.approx(5 / 9 * 0.5)  # in band: halfway back to 0 (relax 0.5)
+    only_clip = ctl.propose({"regime/pos_low/clip_frac": 0.9}, dict(w.current))  # no other signal at all
+    assert only_clip["eps_low_pos"] == pytest.approx(1 - 0.8 / 1.5) and only_clip["eps_high_pos"] == 10.0
+
+
 GUARD = ["trainer.collapse_guard.action=rollback", "trainer.save_every=1", "trainer.collapse_guard.patience=2",
          "trainer.collapse_guard.widen_factor=2", "trainer.collapse_guard.max_rollbacks=1"]
 
@@ -191,6 +207,7 @@ def test_stop_on_trigger_is_a_deprecated_alias_of_action(capsys):
      "< algorithm.adaptive_windows.entropy_correct_max=3.0"),
     (["algorithm.adaptive_windows.step_factor=1"], "algorithm.adaptive_windows.step_factor", "> 1"),
     (["algorithm.adaptive_windows.relax=2"], "algorithm.adaptive_windows.relax", "in [0, 1]"),
+    (["algorithm.adaptive_windows.clip_frac_max=0"], "algorithm.adaptive_windows.clip_frac_max", "in (0, 1]"),
     (["algorithm.adaptive_windows.enabled=maybe"], "algorithm.adaptive_windows.enabled", "not a valid bool"),
 ])
 def test_new_keys_are_validated_in_one_line(overrides, key, fragment):
