@@ -183,6 +183,7 @@ def validate(c: Any) -> None:
     _check(cg.widen_factor > 1, "trainer.collapse_guard.widen_factor", cg.widen_factor, "> 1")
     _check(cg.max_rollbacks >= 0, "trainer.collapse_guard.max_rollbacks", cg.max_rollbacks, ">= 0")
     _check(0 <= cg.repetition_max <= 1, "trainer.collapse_guard.repetition_max", cg.repetition_max, "in [0, 1]")
+    _check(0 <= cg.reward_fall < 1, "trainer.collapse_guard.reward_fall", cg.reward_fall, "in [0, 1) (0 = off)")
     _check(cg.entropy_min < cg.entropy_max, "trainer.collapse_guard.entropy_min", cg.entropy_min,
            f"< trainer.collapse_guard.entropy_max={cg.entropy_max}")
 

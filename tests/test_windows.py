@@ -154,6 +154,26 @@ def test_each_signal_widens_the_window_the_paper_ties_to_it(signal, metric, valu
     assert list(r.changes) == [window] and r.changes[window] == pytest.approx((old, new))
 
 
+def test_reward_signal_fires_on_a_fall_below_its_best_and_widens_the_hardest_binding_window():
+    g, w = _guard(["algorithm.eps_low_neg=0"])  # patience 2, widen_factor 2, checkpoints 1..5
+    ok = {"rollout/accuracy": 0.4, "regime/neg_low/clip_frac": 1.0, "regime/pos_low/clip_frac": 0.05}
+    fallen = {**ok, "rollout/accuracy": 0.1}  # < 0.33 x 0.4 (best 5-step mean) = 0.132
+    step, r = _drive(g, w, [ok] * 5 + [fallen] * 2)  # streak begins at 6, fires at 7: c + 1 < 6
+    assert (step, r.signals, r.action, r.restored_step) == (7, ["reward"], "rollback", 4)
+    assert r.changes == {"eps_low_neg": (0.0, 0.5)}  # clips 100% of its regime: 1 - 1/2
+    assert g.events[-1]["window"] == "eps_low_neg" and g.events[-1]["metric"] == "rollout/accuracy"
+    # a noisy run that never falls below a third of its best does not fire
+    g, w = _guard()
+    noisy = [{"rollout/accuracy": a} for a in (0.3, 0.55, 0.27, 0.5, 0.35, 0.56, 0.25, 0.48, 0.3, 0.6)]
+    assert _drive(g, w, noisy) == (None, None)
+    # nothing clips: the guard warns and says why; reward_fall=0 switches the signal off
+    g, w = _guard()
+    _, r = _drive(g, w, [{"rollout/accuracy": 0.4}] * 5 + [{"rollout/accuracy": 0.0}] * 2)
+    assert (r.action, r.reason) == ("warn", "no window clips any of its regime's tokens: nothing to widen")
+    g, w = _guard(["trainer.collapse_guard.reward_fall=0"])
+    assert _drive(g, w, [{"rollout/accuracy": 0.4}] * 5 + [{"rollout/accuracy": 0.0}] * 3) == (None, None)
+
+
 @pytest.mark.parametrize("extra,saved,reason", [
     ([], (3, 4), "no checkpoint from before the streak (needs step <= 1; saved: [3, 4])"),
     ([], (), "no checkpoint from before the streak (needs step <= 1; saved: none)"),
@@ -195,6 +215,7 @@ def test_stop_on_trigger_is_a_deprecated_alias_of_action(capsys):
     (["algorithm=cispo", "trainer.collapse_guard.action=rollback", "trainer.save_every=1"],
      "trainer.collapse_guard.action", "warn or stop with algorithm.name=cispo"),
     (["trainer.collapse_guard.widen_factor=1"], "trainer.collapse_guard.widen_factor", "> 1"),
+    (["trainer.collapse_guard.reward_fall=1"], "trainer.collapse_guard.reward_fall", "in [0, 1)"),
     (["trainer.collapse_guard.max_rollbacks=-1"], "trainer.collapse_guard.max_rollbacks", ">= 0"),
     (["algorithm.window_max.eps_high_neg=50"], "algorithm.window_max.eps_high_neg", ">= algorithm.eps_high_neg=100"),
     (["algorithm.window_max.eps_low_pos=1.5"], "algorithm.window_max.eps_low_pos", "and <= 1"),
