@@ -85,6 +85,22 @@ def test_controller_stays_between_configured_value_and_limit():
     assert cur["eps_high_pos"] == 10.0  # relax = 1: straight back to the configured value, never below
 
 
+def test_controller_widens_a_window_that_clips_most_of_its_regime():
+    a = compose(AW + ["algorithm.adaptive_windows.clip_frac_max=0.5", "algorithm.eps_low_neg=0"]).algorithm
+    w = LossWindows(a)  # configured: low_neg 0 (every incorrect token with r < 1 clipped), high_neg 0
+    ctl = AdaptiveWindows(a.adaptive_windows, w.configured, w.limits)
+    in_band = {"rollout/repetition": 0.0, "rollout/response_length": 40.0, "actor/entropy_correct": 0.1}
+    cur = ctl.propose({**in_band, "regime/neg_low/clip_frac": 1.0, "regime/neg_high/clip_frac": 0.3}, w.current)
+    # neg_low clipped 100% > 0.5: eps_low_neg 1 - 1/1.5 = 1/3; neg_high 30% and repetition in band: stays at 0
+    assert cur["eps_low_neg"] == pytest.approx(1 / 3) and cur["eps_high_neg"] == 0.0
+    cur = ctl.propose({**in_band, "regime/neg_low/clip_frac": 0.6}, cur)
+    assert cur["eps_low_neg"] == pytest.approx(1 - (2 / 3) / 1.5)  # still above the band: 5/9
+    cur = ctl.propose({**in_band, "regime/neg_low/clip_frac": 0.1}, cur)
+    assert cur["eps_low_neg"] == pytest.approx(5 / 9 * 0.5)  # in band: halfway back to 0 (relax 0.5)
+    only_clip = ctl.propose({"regime/pos_low/clip_frac": 0.9}, dict(w.current))  # no other signal at all
+    assert only_clip["eps_low_pos"] == pytest.approx(1 - 0.8 / 1.5) and only_clip["eps_high_pos"] == 10.0
+
+
 GUARD = ["trainer.collapse_guard.action=rollback", "trainer.save_every=1", "trainer.collapse_guard.patience=2",
          "trainer.collapse_guard.widen_factor=2", "trainer.collapse_guard.max_rollbacks=1"]
 
@@ -138,6 +154,26 @@ def test_each_signal_widens_the_window_the_paper_ties_to_it(signal, metric, valu
     assert list(r.changes) == [window] and r.changes[window] == pytest.approx((old, new))
 
 
+def test_reward_signal_fires_on_a_fall_below_its_best_and_widens_the_hardest_binding_window():
+    g, w = _guard(["algorithm.eps_low_neg=0"])  # patience 2, widen_factor 2, checkpoints 1..5
+    ok = {"rollout/accuracy": 0.4, "regime/neg_low/clip_frac": 1.0, "regime/pos_low/clip_frac": 0.05}
+    fallen = {**ok, "rollout/accuracy": 0.1}  # < 0.33 x 0.4 (best 5-step mean) = 0.132
+    step, r = _drive(g, w, [ok] * 5 + [fallen] * 2)  # streak begins at 6, fires at 7: c + 1 < 6
+    assert (step, r.signals, r.action, r.restored_step) == (7, ["reward"], "rollback", 4)
+    assert r.changes == {"eps_low_neg": (0.0, 0.5)}  # clips 100% of its regime: 1 - 1/2
+    assert g.events[-1]["window"] == "eps_low_neg" and g.events[-1]["metric"] == "rollout/accuracy"
+    # a noisy run that never falls below a third of its best does not fire
+    g, w = _guard()
+    noisy = [{"rollout/accuracy": a} for a in (0.3, 0.55, 0.27, 0.5, 0.35, 0.56, 0.25, 0.48, 0.3, 0.6)]
+    assert _drive(g, w, noisy) == (None, None)
+    # nothing clips: the guard warns and says why; reward_fall=0 switches the signal off
+    g, w = _guard()
+    _, r = _drive(g, w, [{"rollout/accuracy": 0.4}] * 5 + [{"rollout/accuracy": 0.0}] * 2)
+    assert (r.action, r.reason) == ("warn", "no window clips any of its regime's tokens: nothing to widen")
+    g, w = _guard(["trainer.collapse_guard.reward_fall=0"])
+    assert _drive(g, w, [{"rollout/accuracy": 0.4}] * 5 + [{"rollout/accuracy": 0.0}] * 3) == (None, None)
+
+
 @pytest.mark.parametrize("extra,saved,reason", [
     ([], (3, 4), "no checkpoint from before the streak (needs step <= 1; saved: [3, 4])"),
     ([], (), "no checkpoint from before the streak (needs step <= 1; saved: none)"),
@@ -179,6 +215,7 @@ def test_stop_on_trigger_is_a_deprecated_alias_of_action(capsys):
     (["algorithm=cispo", "trainer.collapse_guard.action=rollback", "trainer.save_every=1"],
      "trainer.collapse_guard.action", "warn or stop with algorithm.name=cispo"),
     (["trainer.collapse_guard.widen_factor=1"], "trainer.collapse_guard.widen_factor", "> 1"),
+    (["trainer.collapse_guard.reward_fall=1"], "trainer.collapse_guard.reward_fall", "in [0, 1)"),
     (["trainer.collapse_guard.max_rollbacks=-1"], "trainer.collapse_guard.max_rollbacks", ">= 0"),
     (["algorithm.window_max.eps_high_neg=50"], "algorithm.window_max.eps_high_neg", ">= algorithm.eps_high_neg=100"),
     (["algorithm.window_max.eps_low_pos=1.5"], "algorithm.window_max.eps_low_pos", "and <= 1"),
@@ -191,6 +228,7 @@ def test_stop_on_trigger_is_a_deprecated_alias_of_action(capsys):
      "< algorithm.adaptive_windows.entropy_correct_max=3.0"),
     (["algorithm.adaptive_windows.step_factor=1"], "algorithm.adaptive_windows.step_factor", "> 1"),
     (["algorithm.adaptive_windows.relax=2"], "algorithm.adaptive_windows.relax", "in [0, 1]"),
+    (["algorithm.adaptive_windows.clip_frac_max=0"], "algorithm.adaptive_windows.clip_frac_max", "in (0, 1]"),
     (["algorithm.adaptive_windows.enabled=maybe"], "algorithm.adaptive_windows.enabled", "not a valid bool"),
 ])
 def test_new_keys_are_validated_in_one_line(overrides, key, fragment):

@@ -19,8 +19,19 @@ learner metrics of that update); ``widen`` is :func:`dispo_ray.algorithm.windows
     eps_low_pos   entropy of correct responses                     > entropy_correct_max  widen
                   (weights < 1 on correct tokens lower their entropy: distillation)
 
+    any window   share of its regime's tokens it clipped           > clip_frac_max     widen
+                 (regime/<regime>/clip_frac: pos_high -> eps_high_pos, pos_low -> eps_low_pos,
+                 neg_high -> eps_high_neg, neg_low -> eps_low_neg)
+
     otherwise (signal in band): relax toward the configured value (``relax = 0``: stay);
     a missing or NaN signal (e.g. no correct response in the batch): the window stays.
+
+The clip band is the direct measure of "too tight": a window that clips most of its regime's
+tokens has taken that regime's weights away (at 0 it clips every one). In the regime lab the
+collapses of too-tight windows came before any of the paper's downstream signals moved (accuracy
+fell to 0 within 5-20 steps while length, repetition and entropy stayed in band), so the
+downstream bands alone react too late; the default windows clip far less than the band (their
+clip fractions are in ``regime/*/clip_frac``), so the clip band leaves them alone.
 
 So each window only ever widens away from its configured value (the configured value is the
 tightest the controller goes) and comes back gradually once its signal is in band; the band and
@@ -48,6 +59,16 @@ RULES: Dict[str, Tuple[str, Callable[[float, Any], bool]]] = {
 }
 
 
+# window -> the regime whose weights it bounds (dispo_ray.losses.REGIMES)
+REGIME_OF = {"eps_high_pos": "pos_high", "eps_low_pos": "pos_low", "eps_high_neg": "neg_high",
+             "eps_low_neg": "neg_low"}
+
+
+def _value(metrics: Mapping[str, float], key: str):
+    v = metrics.get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
 class AdaptiveWindows:
     def __init__(self, cfg: Any, configured: Mapping[str, float], limits: Mapping[str, float]):
         self.cfg, self.configured, self.limits = cfg, dict(configured), dict(limits)
@@ -56,11 +77,13 @@ class AdaptiveWindows:
         """The windows for the next step, given this step's metrics and the windows it used."""
         out = dict(current)
         for key, (metric, out_of_band) in RULES.items():
-            value = metrics.get(metric)
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            signal = _value(metrics, metric)
+            clip = _value(metrics, f"regime/{REGIME_OF[key]}/clip_frac")
+            if signal is None and clip is None:
                 continue  # no evidence either way
             cur = current[key]
-            if out_of_band(float(value), self.cfg):
+            if (signal is not None and out_of_band(signal, self.cfg)) or (clip is not None and
+                                                                          clip > self.cfg.clip_frac_max):
                 out[key] = widen(key, cur, self.cfg.step_factor, self.limits[key])
             else:
                 out[key] = cur + self.cfg.relax * (self.configured[key] - cur)

@@ -6,6 +6,13 @@
     length        mean response length < length_min                  eps_low_neg  (too tight: length collapse)
     entropy_low   mean token entropy < entropy_min                   eps_high_pos (weights > 1 on correct raise entropy)
     entropy_high  mean token entropy > entropy_max                   eps_low_pos  (weights < 1 on correct lower it)
+    reward        batch accuracy < reward_fall x its best 5-step     the window that clips the largest
+                  mean so far (0 = off)                              share of its regime (regime/*/clip_frac)
+
+The reward signal is not one of the paper's: in the regime lab, too-tight incorrect-response
+windows collapsed accuracy to 0 within 5-20 steps while length, repetition and entropy stayed in
+band, so the paper's signals alone fired too late or not at all. The paper ties no window to it;
+the window that binds hardest (clips most of its regime's tokens) is the direct suspect.
 
 ``trainer.collapse_guard.action`` says what a trigger does:
 
@@ -39,6 +46,9 @@ SIGNALS = {
 }
 SIGNAL_WINDOW = {"repetition": "eps_high_neg", "length": "eps_low_neg",
                  "entropy_low": "eps_high_pos", "entropy_high": "eps_low_pos"}
+REWARD_KEY, REWARD_WINDOW = "rollout/accuracy", 5
+REGIME_WINDOW = {"pos_high": "eps_high_pos", "pos_low": "eps_low_pos", "neg_high": "eps_high_neg",
+                 "neg_low": "eps_low_neg"}
 
 
 @dataclass
@@ -60,6 +70,10 @@ class CollapseGuard:
         self.events: List[Dict] = []
         self.saved_steps: List[int] = []  # steps of the checkpoints on the current branch
         self.rollbacks = 0
+        self.streak["reward"] = 0
+        self.recent: List[float] = []  # the last REWARD_WINDOW batch accuracies
+        self.reward_best = 0.0  # best REWARD_WINDOW-step mean so far
+        self.binding: Dict[str, float] = {}  # window -> share of its regime clipped, last step
 
     def update(self, step: int, metrics: Mapping[str, float]) -> List[str]:
         """Feed one step's metrics; return the signals that trigger at this step."""
@@ -70,11 +84,29 @@ class CollapseGuard:
             value = metrics.get(key)
             if value is None or value != value:  # missing or NaN: no evidence either way
                 continue
-            self.streak[name] = self.streak[name] + 1 if bad(value, self.cfg) else 0
-            if self.streak[name] == self.cfg.patience:  # fire once per sustained episode
-                fired.append(name)
-                self.events.append({"step": step, "signal": name, "metric": key, "value": value})
+            self._count(step, name, key, value, bad(value, self.cfg), fired)
+        self.binding = {w: float(metrics[f"regime/{r}/clip_frac"]) for r, w in REGIME_WINDOW.items()
+                        if f"regime/{r}/clip_frac" in metrics}
+        reward = metrics.get(REWARD_KEY)
+        if self.cfg.reward_fall > 0 and reward is not None and reward == reward:
+            self.recent = (self.recent + [float(reward)])[-REWARD_WINDOW:]
+            if len(self.recent) == REWARD_WINDOW:
+                self.reward_best = max(self.reward_best, sum(self.recent) / REWARD_WINDOW)
+            self._count(step, "reward", REWARD_KEY, reward, reward < self.cfg.reward_fall * self.reward_best, fired)
         return fired
+
+    def _count(self, step: int, name: str, key: str, value: float, bad: bool, fired: List[str]) -> None:
+        self.streak[name] = self.streak[name] + 1 if bad else 0
+        if self.streak[name] == self.cfg.patience:  # fire once per sustained episode
+            fired.append(name)
+            self.events.append({"step": step, "signal": name, "metric": key, "value": value})
+
+    def window_for(self, signal: str) -> Optional[str]:
+        """The window a signal widens: the paper's for its four, the hardest-binding one for reward."""
+        if signal != "reward":
+            return SIGNAL_WINDOW[signal]
+        binding = {w: f for w, f in self.binding.items() if f > 0}
+        return max(binding, key=binding.get) if binding else None
 
     def record_checkpoint(self, step: int) -> None:
         if step not in self.saved_steps:
@@ -93,13 +125,13 @@ class CollapseGuard:
                 r.restored_step, r.changes = plan
                 self.rollbacks += 1
                 self.saved_steps = [c for c in self.saved_steps if c <= r.restored_step]
-                self.streak = {name: 0 for name in SIGNALS}
+                self.streak = {name: 0 for name in self.streak}
         for event in self.events[len(self.events) - len(fired):]:
             event["action"] = r.action
             if r.reason:
                 event["rollback_refused"] = r.reason
-            if r.restored_step is not None:
-                key = SIGNAL_WINDOW[event["signal"]]
+            key = self.window_for(event["signal"])
+            if r.restored_step is not None and key is not None:
                 old, new = r.changes.get(key, (windows[key], windows[key]))
                 event.update(restored_step=r.restored_step, window=key, old=old, new=new)
         return r
@@ -115,22 +147,25 @@ class CollapseGuard:
             return (f"no checkpoint from before the streak (needs step <= {latest_ok}; saved: "
                     f"{sorted(self.saved_steps) or 'none'})")
         changes: Dict[str, Tuple[float, float]] = {}
-        for signal in fired:
-            key = SIGNAL_WINDOW[signal]
+        keys = sorted({k for k in (self.window_for(s) for s in fired) if k is not None})
+        if not keys:
+            return "no window clips any of its regime's tokens: nothing to widen"
+        for key in keys:
             new = widen(key, windows[key], self.cfg.widen_factor, limits[key])
             if new > windows[key]:
                 changes[key] = (windows[key], new)
         if not changes:
-            keys = sorted({SIGNAL_WINDOW[s] for s in fired})
             return f"{', '.join(keys)} already at algorithm.window_max"
         return max(before), changes
 
     def state_dict(self) -> Dict:
         return {"streak": dict(self.streak), "events": list(self.events), "saved_steps": list(self.saved_steps),
-                "rollbacks": self.rollbacks}
+                "rollbacks": self.rollbacks, "recent": list(self.recent), "reward_best": self.reward_best}
 
     def load_state_dict(self, state: Dict) -> None:
         self.streak.update(state["streak"])
         self.events = list(state["events"])
         self.saved_steps = [int(c) for c in state.get("saved_steps", [])]
         self.rollbacks = int(state.get("rollbacks", 0))
+        self.recent = [float(x) for x in state.get("recent", [])]
+        self.reward_best = float(state.get("reward_best", 0.0))

@@ -36,6 +36,7 @@ class AdaptiveWindowsConfig:
     length_min: float = MISSING  # mean response length (tokens); below: widen eps_low_neg
     entropy_correct_min: float = MISSING  # entropy of correct responses; below: widen eps_high_pos
     entropy_correct_max: float = MISSING  # above: widen eps_low_pos
+    clip_frac_max: float = MISSING  # share of its regime's tokens a window clips; above: widen it
     step_factor: float = MISSING  # per-step widening, in ratio space (> 1)
     relax: float = MISSING  # in band: fraction of the way back to the configured value per step
 
@@ -185,6 +186,7 @@ class CollapseGuardConfig:
     length_min: float = MISSING
     entropy_min: float = MISSING
     entropy_max: float = MISSING
+    reward_fall: float = MISSING  # batch accuracy below this fraction of its best 5-step mean (0 = off)
     widen_factor: float = MISSING  # rollback: the signal's window widens by this factor (ratio space)
     max_rollbacks: int = MISSING  # rollbacks per run; later triggers warn
 

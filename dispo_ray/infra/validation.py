@@ -66,6 +66,8 @@ def validate(c: Any) -> None:
     _check(aw.length_min >= 0, "algorithm.adaptive_windows.length_min", aw.length_min, ">= 0")
     _check(0 <= aw.entropy_correct_min < aw.entropy_correct_max, "algorithm.adaptive_windows.entropy_correct_min",
            aw.entropy_correct_min, f">= 0 and < algorithm.adaptive_windows.entropy_correct_max={aw.entropy_correct_max}")
+    _check(0 < aw.clip_frac_max <= 1, "algorithm.adaptive_windows.clip_frac_max", aw.clip_frac_max,
+           "in (0, 1] (1 = never widen for clipping)")
     _check(aw.step_factor > 1, "algorithm.adaptive_windows.step_factor", aw.step_factor, "> 1")
     _check(0 <= aw.relax <= 1, "algorithm.adaptive_windows.relax", aw.relax, "in [0, 1] (0 = never relax)")
 
@@ -181,6 +183,7 @@ def validate(c: Any) -> None:
     _check(cg.widen_factor > 1, "trainer.collapse_guard.widen_factor", cg.widen_factor, "> 1")
     _check(cg.max_rollbacks >= 0, "trainer.collapse_guard.max_rollbacks", cg.max_rollbacks, ">= 0")
     _check(0 <= cg.repetition_max <= 1, "trainer.collapse_guard.repetition_max", cg.repetition_max, "in [0, 1]")
+    _check(0 <= cg.reward_fall < 1, "trainer.collapse_guard.reward_fall", cg.reward_fall, "in [0, 1) (0 = off)")
     _check(cg.entropy_min < cg.entropy_max, "trainer.collapse_guard.entropy_min", cg.entropy_min,
            f"< trainer.collapse_guard.entropy_max={cg.entropy_max}")
 
