@@ -59,7 +59,7 @@ RULES: Dict[str, Tuple[str, Callable[[float, Any], bool]]] = {
 }
 
 
-# window -> the regime whose weights it bounds (dispo_ray.losses.REGIMES)
+# window -> the regime whose weights it bounds (dispo_ray.algorithm.losses.REGIMES)
 REGIME_OF = {"eps_high_pos": "pos_high", "eps_low_pos": "pos_low", "eps_high_neg": "neg_high",
              "eps_low_neg": "neg_low"}
 

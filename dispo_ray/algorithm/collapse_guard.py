@@ -20,7 +20,7 @@ the window that binds hardest (clips most of its regime's tokens) is the direct 
     stop      also save a checkpoint and stop the run
     rollback  restore the newest checkpoint from before the streak, widen the signal's window by
               ``widen_factor`` (:func:`dispo_ray.algorithm.windows.widen`, up to ``algorithm.window_max``)
-              and continue (:mod:`dispo_ray.algorithm.rollback` does it)
+              and continue (:mod:`dispo_ray.rollout.rollback` does it)
 
 Which checkpoint: a signal firing at step S began its streak at ``b = S - patience + 1``. The
 weights of checkpoint c (saved after c updates) sampled the batches trained at steps c+1 ..

@@ -5,7 +5,7 @@ every loss call. Two things move them during a run, both through :meth:`LossWind
 sends the new values to every rank (``LearnerGroup.set_loss_windows``, applied before the next
 ``train_step``: calls on one actor run in order):
 
-    the collapse guard's rollback  (dispo_ray.algorithm.collapse_guard / dispo_ray.algorithm.rollback): widens the
+    the collapse guard's rollback  (dispo_ray.algorithm.collapse_guard / dispo_ray.rollout.rollback): widens the
                                     window the paper ties to the signal, by widen_factor
     adaptive windows               (dispo_ray.algorithm.adaptive_windows): widens while a signal is out of
                                     its band, relaxes toward the configured value inside it

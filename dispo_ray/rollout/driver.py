@@ -292,7 +292,7 @@ class Trainer:
         from dispo_ray.algorithm.adaptive_windows import AdaptiveWindows
         from dispo_ray.algorithm.collapse_guard import CollapseGuard
         from dispo_ray.infra.metrics_log import MetricsLogger
-        from dispo_ray.algorithm.rollback import after_step, roll_back
+        from dispo_ray.rollout.rollback import after_step, roll_back
         from dispo_ray.rollout.producer import RolloutProducer
         from dispo_ray.algorithm.windows import LossWindows
 
@@ -334,7 +334,7 @@ class Trainer:
                 if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.total_steps:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
-                response = after_step(self, metrics, log)  # guard, windows: dispo_ray/algorithm/rollback.py
+                response = after_step(self, metrics, log)  # guard, windows: dispo_ray/rollout/rollback.py
                 log.log(self.step, metrics)  # step N: after N updates
                 if response is not None and response.action == "rollback":
                     roll_back(self, response.restored_step)
