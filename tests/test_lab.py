@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dispo_ray.infra.config import ConfigError, compose
-from dispo_ray.study.verdicts import findings, guard_check, guard_table, largest_fall, verdict, window_extreme
+from dispo_ray.study.verdicts import (findings, guard_check, guard_table, largest_fall, replay_guard, verdict,
+                                      window_extreme)
 from dispo_ray.data.tiny_task import make_problems, response_text, working_text
 
 
@@ -90,3 +91,12 @@ def test_guard_fires_before_the_fall_and_never_on_default_windows():
          ("dispo", 1): noisy_default, ("dispo", 2): quiet})}
     assert table == {("dispo_tight_high_neg", 1): True, ("dispo_tight_high_neg", 2): False, ("cispo", 1): None,
                      ("dispo", 1): False, ("dispo", 2): True}
+
+
+def test_guard_replayed_on_a_logged_stream_fires_where_the_live_guard_would():
+    guard_cfg = compose(["+preset=regime_lab"]).trainer.collapse_guard  # patience 3, reward_fall 0.33
+    rows = _rows([0.4] * 5 + [0.0] * 3 + [0.4], "rollout/accuracy", evals={9: 0.0})
+    assert replay_guard(rows, guard_cfg) == 8  # falls at 6, held 3 steps
+    assert guard_check(rows, guard_cfg=guard_cfg)["first_event"] == 8
+    steady = _rows([0.4, 0.3, 0.5, 0.35, 0.45] * 4, "rollout/accuracy")
+    assert replay_guard(steady, guard_cfg) is None

@@ -62,7 +62,11 @@ def lab_outputs(out: str, names: Sequence[str], seeds: Sequence[int]) -> str:
           os.path.join(out, "entropy_correct_incorrect.png"), "mean token entropy of correct vs incorrect responses")
     _grid(runs, names, seeds, [("actor/ratio_max", "max ratio"), ("actor/ratio_mean", "mean ratio")],
           os.path.join(out, "ratio_spread.png"), "importance ratio pi_theta / pi_behaviour in the loss")
-    text = markdown(findings(runs), guard_table(runs))
+    from dispo_ray.infra.config import compose
+    from dispo_ray.study.runner import LAB_PRESET
+
+    guard_cfg = compose([LAB_PRESET]).trainer.collapse_guard  # today's guard, replayed on every run
+    text = markdown(findings(runs), guard_table(runs, guard_cfg))
     with open(os.path.join(out, "verdicts.md"), "w") as f:
         f.write(text + "\n")
     return text

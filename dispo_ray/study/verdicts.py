@@ -112,10 +112,27 @@ def findings(runs: Dict[Tuple[str, int], Rows]) -> List[Dict[str, object]]:
     return out
 
 
-def guard_check(rows: Rows, fall: float = FALL) -> Dict[str, Optional[int]]:
-    """Step of the first guard event, step of the first evaluation ``fall`` below the running
-    peak (None when it never happens)."""
-    first_event = next((int(r["step"]) for r in _train_rows(rows) if r.get("collapse/events", 0) > 0), None)
+def replay_guard(rows: Rows, guard_cfg) -> Optional[int]:
+    """Step at which :class:`CollapseGuard` with ``guard_cfg`` first fires on the run's logged
+    metric stream. The study runs the guard in ``warn`` mode, which changes nothing in training,
+    so replaying the logged stream gives exactly the events the guard would have raised -- also
+    for a guard newer than the runs."""
+    from dispo_ray.algorithm.collapse_guard import CollapseGuard
+
+    guard = CollapseGuard(guard_cfg)
+    for r in _train_rows(rows):
+        if guard.update(int(r["step"]), r):
+            return int(r["step"])
+    return None
+
+
+def guard_check(rows: Rows, fall: float = FALL, guard_cfg=None) -> Dict[str, Optional[int]]:
+    """Step of the first guard event (replayed with ``guard_cfg`` when given, else as logged),
+    step of the first evaluation ``fall`` below the running peak (None when it never happens)."""
+    if guard_cfg is not None:
+        first_event = replay_guard(rows, guard_cfg)
+    else:
+        first_event = next((int(r["step"]) for r in _train_rows(rows) if r.get("collapse/events", 0) > 0), None)
     peak, fell_at = -1.0, None
     for r in rows:
         a = r.get("eval/accuracy")
@@ -128,12 +145,12 @@ def guard_check(rows: Rows, fall: float = FALL) -> Dict[str, Optional[int]]:
     return {"first_event": first_event, "fell_at": fell_at}
 
 
-def guard_table(runs: Dict[Tuple[str, int], Rows]) -> List[Dict[str, object]]:
+def guard_table(runs: Dict[Tuple[str, int], Rows], guard_cfg=None) -> List[Dict[str, object]]:
     """Per run: collapsed?, guard first event, and pass/fail (collapsed: an event before the
     fall; default windows: no event at all)."""
     out = []
     for (n, s), rows in sorted(runs.items()):
-        g = guard_check(rows)
+        g = guard_check(rows, guard_cfg=guard_cfg)
         if n == "dispo":
             ok = g["first_event"] is None
         elif g["fell_at"] is not None:
@@ -156,7 +173,8 @@ def markdown(finds: List[Dict[str, object]], guards: List[Dict[str, object]]) ->
                      f"{f['variant_mean']:.3f} ± {f['variant_sd']:.3f} | {f['base_mean']:.3f} ± {f['base_sd']:.3f} | "
                      f"{f['effect']:+.3f} | {2 * f['spread']:.3f} | {f['predicted']} | "
                      f"{'**reproduced**' if f['reproduced'] else 'not reproduced'} |")
-    lines += ["", f"Collapse guard (a collapse = held-out accuracy more than {FALL:.0%} below its running peak):", "",
+    lines += ["", f"Collapse guard, replayed with today's settings on each run's logged metrics (a collapse = "
+              f"held-out accuracy more than {FALL:.0%} below its running peak):", "",
               "| run | first guard event (step) | accuracy fell (step) | guard |", "|---|---|---|---|"]
     for g in guards:
         verdict_txt = {True: "pass", False: "**FAIL**", None: "no collapse"}[g["pass"]]
