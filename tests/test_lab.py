@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dispo_ray.infra.config import ConfigError, compose
-from dispo_ray.study.verdicts import (findings, guard_check, guard_table, largest_fall, replay_guard, verdict,
-                                      window_extreme)
+from dispo_ray.study.verdicts import (adaptive_table, findings, guard_check, guard_table, largest_fall,
+                                      replay_guard, verdict, window_extreme)
 from dispo_ray.data.tiny_task import make_problems, response_text, working_text
 
 
@@ -100,3 +100,17 @@ def test_guard_replayed_on_a_logged_stream_fires_where_the_live_guard_would():
     assert guard_check(rows, guard_cfg=guard_cfg)["first_event"] == 8
     steady = _rows([0.4, 0.3, 0.5, 0.35, 0.45] * 4, "rollout/accuracy")
     assert replay_guard(steady, guard_cfg) is None
+
+
+def test_adaptive_verdict_needs_two_seeds_without_collapse_and_the_accuracy_bar():
+    ev = lambda *acc: _rows([0] * 12, "x", evals=dict(zip((4, 8, 12), acc)))  # noqa: E731
+    runs = {("dispo", s): ev(0.30, 0.40, a) for s, a in ((1, 0.44), (2, 0.46), (3, 0.45))}  # mean final 0.45
+    runs.update({("dispo_tight_low_neg", s): ev(0.30, 0.05, 0.0) for s in (1, 2, 3)})
+    runs.update({("dispo_tight_low_neg_adaptive", 1): ev(0.30, 0.40, 0.44),
+                 ("dispo_tight_low_neg_adaptive", 2): ev(0.30, 0.41, 0.45),
+                 ("dispo_tight_low_neg_adaptive", 3): ev(0.30, 0.10, 0.41)})  # seed 3 fell 20 points
+    (row,) = adaptive_table(runs)
+    assert row["avoided"] == [True, True, False] and row["bar"] == pytest.approx(0.43)
+    assert row["mean_final"] == pytest.approx(1.30 / 3) and row["pass"]  # 0.433 >= 0.45 - 0.02
+    runs[("dispo_tight_low_neg_adaptive", 2)] = ev(0.30, 0.05, 0.45)
+    assert not adaptive_table(runs)[0]["pass"]  # only one seed avoided the collapse

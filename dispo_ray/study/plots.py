@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from dispo_ray.study.verdicts import findings, guard_table, markdown
+from dispo_ray.study.verdicts import adaptive_table, findings, guard_table, markdown
 from dispo_ray.algorithm.losses import REGIMES
 
 
@@ -66,7 +66,7 @@ def lab_outputs(out: str, names: Sequence[str], seeds: Sequence[int]) -> str:
     from dispo_ray.study.runner import LAB_PRESET
 
     guard_cfg = compose([LAB_PRESET]).trainer.collapse_guard  # today's guard, replayed on every run
-    text = markdown(findings(runs), guard_table(runs, guard_cfg))
+    text = markdown(findings(runs), guard_table(runs, guard_cfg), adaptive_table(runs))
     with open(os.path.join(out, "verdicts.md"), "w") as f:
         f.write(text + "\n")
     return text

@@ -38,6 +38,14 @@ VARIANTS: Dict[str, List[str]] = {
     "dispo_tight_low_pos": ["algorithm=dispo", "algorithm.eps_low_pos=0"],
     "dispo_tight_high_neg": ["algorithm=dispo", "algorithm.eps_high_neg=0"],
     "dispo_tight_low_neg": ["algorithm=dispo", "algorithm.eps_low_neg=0"],
+    # the lab's steering experiments: the too-tight windows with the adaptive controller, or with
+    # the collapse guard rolling back (checkpoints every step, so the restore point is close)
+    "dispo_tight_high_neg_adaptive": ["algorithm=dispo", "algorithm.eps_high_neg=0",
+                                      "algorithm.adaptive_windows.enabled=true"],
+    "dispo_tight_low_neg_adaptive": ["algorithm=dispo", "algorithm.eps_low_neg=0",
+                                     "algorithm.adaptive_windows.enabled=true"],
+    "dispo_tight_low_neg_rollback": ["algorithm=dispo", "algorithm.eps_low_neg=0",
+                                     "trainer.collapse_guard.action=rollback", "trainer.save_every=1"],
 }
 LAB_VARIANTS = ["dispo", "cispo", "dapo", "dispo_tight_high_pos", "dispo_tight_low_pos", "dispo_tight_high_neg",
                 "dispo_tight_low_neg"]
@@ -179,12 +187,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 t = time.time()
                 run_one(n, s, args.steps, args.out, extra, common)
                 print(f"[study] {n} seed {s}: {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
-    table = summarize(args.out, args.only, args.seeds)
+    shown = args.only
+    if args.lab:  # the lab's summary covers every variant run so far, so the verdicts see their baselines
+        shown = [n for n in VARIANTS if any(os.path.exists(os.path.join(args.out, "runs", f"{n}_s{s}", "summary.json"))
+                                            for s in args.seeds)]
+    table = summarize(args.out, shown, args.seeds)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
     if args.lab:
         from dispo_ray.study.plots import lab_outputs
-        table += "\n\n" + lab_outputs(args.out, args.only, args.seeds)
+        table += "\n\n" + lab_outputs(args.out, shown, args.seeds)
     if args.summarize_only:
         print(table)
         return

@@ -161,7 +161,34 @@ def guard_table(runs: Dict[Tuple[str, int], Rows], guard_cfg=None) -> List[Dict[
     return out
 
 
-def markdown(finds: List[Dict[str, object]], guards: List[Dict[str, object]]) -> str:
+def final_accuracy(rows: Rows) -> Optional[float]:
+    acc = _num(rows, "eval/accuracy")
+    return acc[-1] if acc else None
+
+
+def adaptive_table(runs: Dict[Tuple[str, int], Rows], margin: float = 0.02) -> List[Dict[str, object]]:
+    """For each ``<tight variant>_adaptive`` run: did it avoid the collapse (held-out accuracy
+    never more than ``FALL`` below its running peak), and its final accuracy against fixed-window
+    DISPO's mean final accuracy minus ``margin``. Passes when >= 2 of its seeds avoid the collapse
+    and its mean final accuracy clears that bar."""
+    base = [x for (n, _), rows in runs.items() if n == "dispo" for x in [final_accuracy(rows)] if x is not None]
+    bar = sum(base) / len(base) - margin if base else None
+    out = []
+    for name in sorted({n for n, _ in runs if n.endswith("_adaptive")}):
+        seeds = sorted(s for n, s in runs if n == name)
+        avoided = [guard_check(runs[(name, s)])["fell_at"] is None for s in seeds]
+        finals = [final_accuracy(runs[(name, s)]) for s in seeds]
+        mean_final = sum(f for f in finals if f is not None) / max(sum(f is not None for f in finals), 1)
+        fixed = [final_accuracy(runs[(name[:-len("_adaptive")], s)]) for s in seeds
+                 if (name[:-len("_adaptive")], s) in runs]
+        out.append({"variant": name, "seeds": seeds, "avoided": avoided, "finals": finals, "mean_final": mean_final,
+                    "fixed_finals": fixed, "bar": bar,
+                    "pass": bar is not None and sum(avoided) >= 2 and mean_final >= bar})
+    return out
+
+
+def markdown(finds: List[Dict[str, object]], guards: List[Dict[str, object]],
+             adaptive: Sequence[Dict[str, object]] = ()) -> str:
     lines = ["| finding | variant vs baseline | statistic | variant (mean ± sd) | baseline (mean ± sd) | "
              "effect | 2 x spread | predicted | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for f in finds:
@@ -180,4 +207,15 @@ def markdown(finds: List[Dict[str, object]], guards: List[Dict[str, object]]) ->
         verdict_txt = {True: "pass", False: "**FAIL**", None: "no collapse"}[g["pass"]]
         lines.append(f"| {g['variant']} s{g['seed']} | {g['first_event'] if g['first_event'] is not None else '-'} | "
                      f"{g['fell_at'] if g['fell_at'] is not None else '-'} | {verdict_txt} |")
+    if adaptive:
+        lines += ["", "Adaptive windows started from a too-tight window (pass: the collapse avoided in >= 2 of 3 "
+                  "seeds and mean final accuracy >= fixed-window DISPO's minus 2 points):", "",
+                  "| variant | collapse avoided per seed | final accuracy per seed | same window fixed | bar | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for a in adaptive:
+            fmt = lambda xs: ", ".join("-" if x is None else f"{x:.3f}" for x in xs)  # noqa: E731
+            lines.append(f"| {a['variant']} | {', '.join('yes' if v else 'no' for v in a['avoided'])} | "
+                         f"{fmt(a['finals'])} | {fmt(a['fixed_finals'])} | "
+                         f"{'-' if a['bar'] is None else format(a['bar'], '.3f')} | "
+                         f"{'**pass**' if a['pass'] else 'fail'} |")
     return "\n".join(lines)
