@@ -115,6 +115,8 @@ def main(spec_path: str, out_path: str) -> None:
             took = self._eval(model, rl_step) if (every and rl_step % every == 0) or rl_step == spec["steps"] else 0.0
             self._mark = now + took
 
+    if spec.get("torch_threads"):
+        torch.set_num_threads(int(spec["torch_threads"]))
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     clock = Clock()
