@@ -15,8 +15,8 @@ TRL runs twice, with torch on 1 thread and on 2, and the faster is the baseline.
 
 Not matched, by design: dispo-ray's dynamic sampling (TRL has none), so dispo-ray's DAPO runs
 once with it (its default) and once without; TRL scores rewards in its own process, dispo-ray in
-its sandboxed pool; TRL uses both cores for torch, dispo-ray's learner one thread (its generator
-engine is a second process). Runs: TRL dapo, dispo-ray dapo, dispo-ray dapo without dynamic
+its sandboxed pool; dispo-ray's learner and generator each run one torch thread, in their own
+Ray actors. Runs: TRL dapo, dispo-ray dapo, dispo-ray dapo without dynamic
 sampling, dispo-ray's default (dispo loss), the default with generation overlapping training
 (``trainer.max_staleness=1``: samples at most one version old, which TRL's second optimizer step
 per generation batch also trains on), and the generation-heavy runs (below).
