@@ -83,6 +83,8 @@ def test_findings_on_streams_with_a_built_in_length_collapse():
 def test_guard_fires_before_the_fall_and_never_on_default_windows():
     collapsed = _rows([0] * 12, "x", evals={4: 0.40, 8: 0.42, 12: 0.20}, events=[9])
     assert guard_check(collapsed) == {"first_event": 9, "fell_at": 12}
+    noise = _rows([0] * 12, "x", evals={1: 0.30, 4: 0.50, 8: 0.35})  # 15 below its peak, above its start
+    assert guard_check(noise)["fell_at"] is None
     late = _rows([0] * 12, "x", evals={4: 0.40, 8: 0.42, 12: 0.20}, events=[12, 12])
     quiet = _rows([0] * 12, "x", evals={4: 0.40, 8: 0.42, 12: 0.41})
     noisy_default = _rows([0] * 12, "x", evals={4: 0.40, 12: 0.41}, events=[5])
