@@ -157,11 +157,16 @@ def test_each_signal_widens_the_window_the_paper_ties_to_it(signal, metric, valu
 def test_reward_signal_fires_on_a_fall_below_its_best_and_widens_the_hardest_binding_window():
     g, w = _guard(["algorithm.eps_low_neg=0"])  # patience 2, widen_factor 2, checkpoints 1..5
     ok = {"rollout/accuracy": 0.4, "regime/neg_low/clip_frac": 1.0, "regime/pos_low/clip_frac": 0.05}
-    fallen = {**ok, "rollout/accuracy": 0.1}  # < 0.33 x 0.4 (best 5-step mean) = 0.132
+    fallen = {**ok, "rollout/accuracy": 0.1}  # < 0.33 x 0.4 (best running mean) = 0.132
     step, r = _drive(g, w, [ok] * 5 + [fallen] * 2)  # streak begins at 6, fires at 7: c + 1 < 6
     assert (step, r.signals, r.action, r.restored_step) == (7, ["reward"], "rollback", 4)
     assert r.changes == {"eps_low_neg": (0.0, 0.5)}  # clips 100% of its regime: 1 - 1/2
     assert g.events[-1]["window"] == "eps_low_neg" and g.events[-1]["metric"] == "rollout/accuracy"
+    # a collapse from the first step is measured against the starting accuracy: with patience 2 it
+    # fires at step 3 (reference 0.4 from step 1; 0.05 < 0.132 at steps 2 and 3)
+    g, w = _guard(["algorithm.eps_low_neg=0"], saved=(0, 1, 2))
+    step, r = _drive(g, w, [ok] + [{**ok, "rollout/accuracy": 0.05}] * 2)
+    assert (step, r.action, r.restored_step) == (3, "rollback", 0)  # the step-0 checkpoint (streak began at 2)
     # a noisy run that never falls below a third of its best does not fire
     g, w = _guard()
     noisy = [{"rollout/accuracy": a} for a in (0.3, 0.55, 0.27, 0.5, 0.35, 0.56, 0.25, 0.48, 0.3, 0.6)]

@@ -6,8 +6,8 @@
     length        mean response length < length_min                  eps_low_neg  (too tight: length collapse)
     entropy_low   mean token entropy < entropy_min                   eps_high_pos (weights > 1 on correct raise entropy)
     entropy_high  mean token entropy > entropy_max                   eps_low_pos  (weights < 1 on correct lower it)
-    reward        batch accuracy < reward_fall x its best 5-step     the window that clips the largest
-                  mean so far (0 = off)                              share of its regime (regime/*/clip_frac)
+    reward        batch accuracy < reward_fall x its best mean of    the window that clips the largest
+                  up to 5 consecutive steps so far (0 = off)         share of its regime (regime/*/clip_frac)
 
 The reward signal is not one of the paper's: in the regime lab, too-tight incorrect-response
 windows collapsed accuracy to 0 within 5-20 steps while length, repetition and entropy stayed in
@@ -89,9 +89,10 @@ class CollapseGuard:
                         if f"regime/{r}/clip_frac" in metrics}
         reward = metrics.get(REWARD_KEY)
         if self.cfg.reward_fall > 0 and reward is not None and reward == reward:
+            # the reference is there from the first step (a mean of what there is so far), so a
+            # collapse that begins at once is compared with the starting accuracy, not with itself
             self.recent = (self.recent + [float(reward)])[-REWARD_WINDOW:]
-            if len(self.recent) == REWARD_WINDOW:
-                self.reward_best = max(self.reward_best, sum(self.recent) / REWARD_WINDOW)
+            self.reward_best = max(self.reward_best, sum(self.recent) / len(self.recent))
             self._count(step, "reward", REWARD_KEY, reward, reward < self.cfg.reward_fall * self.reward_best, fired)
         return fired
 

@@ -186,7 +186,7 @@ class CollapseGuardConfig:
     length_min: float = MISSING
     entropy_min: float = MISSING
     entropy_max: float = MISSING
-    reward_fall: float = MISSING  # batch accuracy below this fraction of its best 5-step mean (0 = off)
+    reward_fall: float = MISSING  # batch accuracy below this fraction of its best running mean of up to 5 steps (0 = off)
     widen_factor: float = MISSING  # rollback: the signal's window widens by this factor (ratio space)
     max_rollbacks: int = MISSING  # rollbacks per run; later triggers warn
 

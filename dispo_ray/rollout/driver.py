@@ -316,6 +316,8 @@ class Trainer:
                 last_eval = self.evaluate()
                 first_eval = last_eval.get("eval/accuracy")
                 log.log(0, last_eval, advance=False)  # step 0: before any update
+                if tr.collapse_guard.action == "rollback":  # a collapse from the first steps on can return here
+                    self.save(self.producer)
             while self.step < tr.total_steps:
                 t_step = time.perf_counter()
                 t_wait = time.perf_counter()

@@ -152,6 +152,8 @@ def guard_table(runs: Dict[Tuple[str, int], Rows], guard_cfg=None) -> List[Dict[
     fall; default windows: no event at all)."""
     out = []
     for (n, s), rows in sorted(runs.items()):
+        if n.endswith("_rollback"):  # its guard acted and rewound the run: a replay would not be exact
+            continue
         g = guard_check(rows, guard_cfg=guard_cfg)
         if n == "dispo":
             ok = g["first_event"] is None
