@@ -167,6 +167,11 @@ def test_reward_signal_fires_on_a_fall_below_its_best_and_widens_the_hardest_bin
     g, w = _guard(["algorithm.eps_low_neg=0"], saved=(0, 1, 2))
     step, r = _drive(g, w, [ok] + [{**ok, "rollout/accuracy": 0.05}] * 2)
     assert (step, r.action, r.restored_step) == (3, "rollback", 0)  # the step-0 checkpoint (streak began at 2)
+    # once every group is all wrong nothing clips: the window is the one that clipped during the streak
+    g, w = _guard(["algorithm.eps_low_neg=0"], saved=(0, 1, 2))
+    dead = {"rollout/accuracy": 0.0, "regime/neg_low/clip_frac": 0.0, "regime/pos_low/clip_frac": 0.0}
+    step, r = _drive(g, w, [ok, {**ok, "rollout/accuracy": 0.05}, dead])
+    assert (step, r.action, r.changes) == (3, "rollback", {"eps_low_neg": (0.0, 0.5)})
     # a noisy run that never falls below a third of its best does not fire
     g, w = _guard()
     noisy = [{"rollout/accuracy": a} for a in (0.3, 0.55, 0.27, 0.5, 0.35, 0.56, 0.25, 0.48, 0.3, 0.6)]

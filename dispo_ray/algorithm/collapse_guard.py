@@ -6,8 +6,8 @@
     length        mean response length < length_min                  eps_low_neg  (too tight: length collapse)
     entropy_low   mean token entropy < entropy_min                   eps_high_pos (weights > 1 on correct raise entropy)
     entropy_high  mean token entropy > entropy_max                   eps_low_pos  (weights < 1 on correct lower it)
-    reward        batch accuracy < reward_fall x its best mean of    the window that clips the largest
-                  up to 5 consecutive steps so far (0 = off)         share of its regime (regime/*/clip_frac)
+    reward        batch accuracy < reward_fall x its best mean of    the window that clips the largest share
+                  up to 5 consecutive steps so far (0 = off)         of its regime over the streak (regime/*/clip_frac)
 
 The reward signal is not one of the paper's: in the regime lab, too-tight incorrect-response
 windows collapsed accuracy to 0 within 5-20 steps while length, repetition and entropy stayed in
@@ -73,7 +73,7 @@ class CollapseGuard:
         self.streak["reward"] = 0
         self.recent: List[float] = []  # the last REWARD_WINDOW batch accuracies
         self.reward_best = 0.0  # best REWARD_WINDOW-step mean so far
-        self.binding: Dict[str, float] = {}  # window -> share of its regime clipped, last step
+        self.binding: List[Dict[str, float]] = []  # window -> share of its regime clipped, last patience steps
 
     def update(self, step: int, metrics: Mapping[str, float]) -> List[str]:
         """Feed one step's metrics; return the signals that trigger at this step."""
@@ -85,8 +85,11 @@ class CollapseGuard:
             if value is None or value != value:  # missing or NaN: no evidence either way
                 continue
             self._count(step, name, key, value, bad(value, self.cfg), fired)
-        self.binding = {w: float(metrics[f"regime/{r}/clip_frac"]) for r, w in REGIME_WINDOW.items()
+        # over the streak, not the last step: once every group is all wrong no token has A != 0
+        # and no window clips anything, though one did while accuracy was falling
+        step_binding = {w: float(metrics[f"regime/{r}/clip_frac"]) for r, w in REGIME_WINDOW.items()
                         if f"regime/{r}/clip_frac" in metrics}
+        self.binding = (self.binding + [step_binding])[-self.cfg.patience:]
         reward = metrics.get(REWARD_KEY)
         if self.cfg.reward_fall > 0 and reward is not None and reward == reward:
             # the reference is there from the first step (a mean of what there is so far), so a
@@ -106,7 +109,11 @@ class CollapseGuard:
         """The window a signal widens: the paper's for its four, the hardest-binding one for reward."""
         if signal != "reward":
             return SIGNAL_WINDOW[signal]
-        binding = {w: f for w, f in self.binding.items() if f > 0}
+        binding: Dict[str, float] = {}
+        for step_binding in self.binding:
+            for w, f in step_binding.items():
+                if f > 0:
+                    binding[w] = max(binding.get(w, 0.0), f)
         return max(binding, key=binding.get) if binding else None
 
     def record_checkpoint(self, step: int) -> None:
