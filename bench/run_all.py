@@ -13,7 +13,7 @@ hang stays inside its module; and each module gets a wall-clock budget (module-l
 ``BUDGET_S = 300`` and ``BUDGET_QUICK_S = 120``, read from the source; else the defaults below)
 after which its process group is stopped and an error row recorded. A failing module never stops
 the others. The whole run has a budget too (``--budget``, default 45 minutes, 20 with ``--quick``,
-times ``--repeat``; the TRL peer benchmark alone takes ~15): a module gets at most what is left
+times ``--repeat``; the TRL peer benchmark alone takes ~9): a module gets at most what is left
 of it, and modules that find it spent are recorded as error rows without running.
 
 ``--only sync generator`` (names with or without ``bench_``) reruns those modules and keeps the

@@ -63,7 +63,7 @@ def test_rollback_restores_widens_and_trains_on(ray_cluster, tmp_path, monkeypat
     # the final checkpoint continues the new branch: widened window, guard history, forgotten checkpoints
     state = json.loads((tmp_path / "checkpoints" / "step_6" / "driver_state.json").read_text())
     assert state["windows"]["eps_high_neg"] == 201.0 and state["guard"]["rollbacks"] == 1
-    assert state["guard"]["saved_steps"] == [1, 2, 3, 4, 5, 6]
+    assert state["guard"]["saved_steps"] == [0, 1, 2, 3, 4, 5, 6]  # step 0: saved because action=rollback
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_6"
 
 
