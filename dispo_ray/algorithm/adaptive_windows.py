@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Mapping, Tuple
 
-from dispo_ray.algorithm.windows import widen
+from dispo_ray.algorithm.windows import REGIME_OF_WINDOW, widen
 
 # window -> (metric, out of band?)
 RULES: Dict[str, Tuple[str, Callable[[float, Any], bool]]] = {
@@ -57,11 +57,6 @@ RULES: Dict[str, Tuple[str, Callable[[float, Any], bool]]] = {
     "eps_high_pos": ("actor/entropy_correct", lambda v, c: v < c.entropy_correct_min),
     "eps_low_pos": ("actor/entropy_correct", lambda v, c: v > c.entropy_correct_max),
 }
-
-
-# window -> the regime whose weights it bounds (dispo_ray.algorithm.losses.REGIMES)
-REGIME_OF = {"eps_high_pos": "pos_high", "eps_low_pos": "pos_low", "eps_high_neg": "neg_high",
-             "eps_low_neg": "neg_low"}
 
 
 def _value(metrics: Mapping[str, float], key: str):
@@ -78,7 +73,7 @@ class AdaptiveWindows:
         out = dict(current)
         for key, (metric, out_of_band) in RULES.items():
             signal = _value(metrics, metric)
-            clip = _value(metrics, f"regime/{REGIME_OF[key]}/clip_frac")
+            clip = _value(metrics, f"regime/{REGIME_OF_WINDOW[key]}/clip_frac")
             if signal is None and clip is None:
                 continue  # no evidence either way
             cur = current[key]

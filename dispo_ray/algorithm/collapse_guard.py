@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from dispo_ray.algorithm.windows import widen
+from dispo_ray.algorithm.windows import REGIME_OF_WINDOW, widen
 
 SIGNALS = {
     "repetition": ("rollout/repetition", lambda v, c: v > c.repetition_max),
@@ -47,8 +47,6 @@ SIGNALS = {
 SIGNAL_WINDOW = {"repetition": "eps_high_neg", "length": "eps_low_neg",
                  "entropy_low": "eps_high_pos", "entropy_high": "eps_low_pos"}
 REWARD_KEY, REWARD_WINDOW = "rollout/accuracy", 5
-REGIME_WINDOW = {"pos_high": "eps_high_pos", "pos_low": "eps_low_pos", "neg_high": "eps_high_neg",
-                 "neg_low": "eps_low_neg"}
 
 
 @dataclass
@@ -87,7 +85,7 @@ class CollapseGuard:
             self._count(step, name, key, value, bad(value, self.cfg), fired)
         # over the streak, not the last step: once every group is all wrong no token has A != 0
         # and no window clips anything, though one did while accuracy was falling
-        step_binding = {w: float(metrics[f"regime/{r}/clip_frac"]) for r, w in REGIME_WINDOW.items()
+        step_binding = {w: float(metrics[f"regime/{r}/clip_frac"]) for w, r in REGIME_OF_WINDOW.items()
                         if f"regime/{r}/clip_frac" in metrics}
         self.binding = (self.binding + [step_binding])[-self.cfg.patience:]
         reward = metrics.get(REWARD_KEY)

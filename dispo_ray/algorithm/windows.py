@@ -23,6 +23,10 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 WINDOW_KEYS = ("eps_low_pos", "eps_high_pos", "eps_low_neg", "eps_high_neg")
+# each window bounds the weights of one regime (dispo_ray.algorithm.losses.REGIMES); its clip share
+# is logged as regime/<regime>/clip_frac
+REGIME_OF_WINDOW = {"eps_high_pos": "pos_high", "eps_low_pos": "pos_low", "eps_high_neg": "neg_high",
+                    "eps_low_neg": "neg_low"}
 
 
 def widen(key: str, value: float, factor: float, limit: float) -> float:
