@@ -1,6 +1,8 @@
 """bench.run_all's bookkeeping: the goal verdict and the median over repeated runs."""
 from __future__ import annotations
 
+import pytest
+
 from bench.run_all import goal_met, merge_repeats
 
 
@@ -35,3 +37,20 @@ def test_failed_runs_do_not_enter_the_median():
     err = {"name": "r", "value": "-", "baseline": "-", "ratio": "-", "goal": "-", "unit": "-", "error": True}
     merged = merge_repeats([[_row(1.0, 0.5)], [err], [_row(1.8, 0.9)]])
     assert merged[0]["ratio"] == 0.7 and merged[0]["ratios"] == [0.5, 0.9]
+
+
+def test_peer_summary_by_hand():
+    from bench.bench_peer_trl import THRESHOLD, _ratio_rows, summarize
+
+    run = {"step_s": [1.0, 1.0, 1.0, 1.0, 0.2, 0.4, 0.3, 0.5], "startup_s": 20.0, "wall_s": 40.0, "cpu_s": 60.0,
+           "accuracy": {0: 0.2, 4: THRESHOLD - 0.01, 8: THRESHOLD + 0.05}}
+    s = summarize(run)
+    assert s["step_median_s"] == pytest.approx(0.35)  # steps 5..8: 0.2, 0.4, 0.3, 0.5
+    assert s["to_threshold_s"] == pytest.approx(20.0 + 5.4)  # start-up + the 8 steps up to the step-8 evaluation
+    assert (s["final_step"], s["final_accuracy"]) == (8, THRESHOLD + 0.05)
+    peer = {**s, "step_median_s": 0.5, "startup_s": 8.0, "to_threshold_s": None, "threads": 2, "by_threads": {}}
+    rows = {r["name"].split(": ", 1)[1]: r for r in _ratio_rows("x", s, peer)}
+    assert rows["seconds per RL step (median, steps 5..N) dispo-ray / TRL"]["ratio"] == 0.7
+    startup = rows["start-up to step 1 dispo-ray / TRL"]
+    assert startup["met"] is True and startup["ratio"] == 2.5  # the goal is absolute: <= 30 s
+    assert rows[f"training wall to {THRESHOLD:.0%} held-out avg@4 dispo-ray / TRL"]["ratio"] == "-"
