@@ -122,6 +122,16 @@ def test_cli_bad_value_exits_fast_with_one_line(tmp_path):
     assert seconds < 30  # no Ray, no torch import before validation
 
 
+@pytest.mark.parametrize("override,fragment", [
+    ("+preset=regime_lbe", "config group 'preset' has no option 'regime_lbe'; choose one of regime_lab"),
+    ("algorithm=ppo", "config group 'algorithm' has no option 'ppo'; choose one of base, cispo, dapo, dispo, grpo"),
+])
+def test_cli_unknown_group_option_is_one_line(tmp_path, override, fragment):
+    p, _ = _cli(override, f"trainer.run_dir={tmp_path}/r")
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and lines == [f"error: {fragment}"], p.stderr
+
+
 def test_cli_cfg_job_shows_clip_overrides():
     p, _ = _cli("--cfg", "job", "algorithm=dispo", "algorithm.eps_low_pos=0.25", "algorithm.eps_high_pos=7",
                 "algorithm.eps_low_neg=0.9", "algorithm.eps_high_neg=55")

@@ -289,6 +289,7 @@ def check_override_keys(overrides: List[str]) -> None:
     import difflib
     keys = _schema_keys()
     for ov in overrides:
+        _check_group_option(ov)
         if "=" not in ov or ov.startswith(("+", "~", "hydra.", "hydra/", "-")):
             continue
         key = ov.split("=", 1)[0].strip()
@@ -299,6 +300,20 @@ def check_override_keys(overrides: List[str]) -> None:
             near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(near)}?" if near else "; see `--cfg job` for every key"
             raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _check_group_option(override: str) -> None:
+    """``group=option`` / ``+group=option`` naming a config group (a folder of ``conf/``) must name
+    one of its files: one line listing them (Hydra's own message spans a dozen lines)."""
+    if "=" not in override:
+        return
+    group, option = (x.strip() for x in override.lstrip("+").split("=", 1))
+    folder = os.path.join(CONF_DIR, group)
+    if "." in group or "/" in group or not os.path.isdir(folder) or option in ("null", ""):
+        return
+    options = sorted(os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith(".yaml"))
+    if option not in options:
+        raise ConfigError(f"config group '{group}' has no option '{option}'; choose one of {', '.join(options)}")
 
 
 def to_dict(c: RootConfig) -> dict:
