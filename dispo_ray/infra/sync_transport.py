@@ -52,6 +52,9 @@ class WeightSyncError(RuntimeError):
     """A weight-sync collective failed or timed out."""
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
@@ -59,14 +62,55 @@ def find_free_port() -> int:
 
 
 def local_ip() -> str:
-    """This node's address as Ray sees it (loopback when Ray is not running)."""
+    """The address the rendezvous of this node binds to and its peers dial (docs/security.md).
+
+    Loopback when every live node of the Ray cluster is this machine (a local run, also several
+    raylets of ``ray.cluster_utils.Cluster``): nothing of a sync then needs to leave the machine, and
+    no other host can reach it. On a cluster, this node's IP as Ray sees it. Loopback without Ray."""
+    import ray
+    if not ray.is_initialized():
+        return LOOPBACK
+    me = ray.util.get_node_ip_address()
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    return LOOPBACK if hosts <= {me} else me
+
+
+def source_address(host: str) -> str:
+    """The local address this process reaches ``host`` from (loopback for a loopback host): the
+    interface the group's connections use. No packet is sent (a UDP socket's connect only routes)."""
+    family, _, _, _, addr = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        return s.getsockname()[0]
+
+
+def _listen_fd(host: str, port: int) -> int:
+    """A TCP socket bound to ``host:port`` only, as a raw fd for ``TCPStore(master_listen_fd=)``: torch's
+    master otherwise listens on every interface whatever host it is given (c10d ``Socket::listen(port)``
+    binds the wildcard address). The store takes the fd over (listens, closes it)."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    s = socket.socket(family, socket.SOCK_STREAM)
     try:
-        import ray
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:
-        pass
-    return "127.0.0.1"
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+    except BaseException:
+        s.close()
+        raise
+    return s.detach()
+
+
+def _gloo_options(host: str, timeout_s: float) -> Any:
+    """gloo's default device listens on the address the machine's hostname resolves to; this one on
+    the interface that reaches the rendezvous host (loopback in a local run). GLOO_SOCKET_IFNAME,
+    when set, still names the interface."""
+    import os
+    gloo = torch.distributed.ProcessGroupGloo
+    opts = gloo._Options()
+    opts._timeout = timedelta(seconds=timeout_s)  # per collective
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0]
+    opts._devices = [gloo.create_device(interface=ifname) if ifname else
+                     gloo.create_device(hostname=source_address(host))]
+    return opts
 
 
 def run_with_deadline(fn: Callable[[], Any], seconds: float, what: str) -> Any:
@@ -110,9 +154,20 @@ class _NcclWork:
 
 
 def _store(host: str, port: int, rank: int, world_size: int, timeout_s: float):
-    # use_libuv=False as vLLM's StatelessProcessGroup.create (pytorch#150215)
-    return torch.distributed.TCPStore(host, port, world_size, is_master=(rank == 0),
-                                      timeout=timedelta(seconds=timeout_s), use_libuv=False)
+    # use_libuv=False as vLLM's StatelessProcessGroup.create (pytorch#150215); rank 0 listens on
+    # host only (_listen_fd)
+    fd = _listen_fd(host, port) if rank == 0 else None
+    try:
+        return torch.distributed.TCPStore(host, port, world_size, is_master=(rank == 0), master_listen_fd=fd,
+                                          timeout=timedelta(seconds=timeout_s), use_libuv=False)
+    except BaseException:
+        if fd is not None:
+            try:
+                import os
+                os.close(fd)
+            except OSError:
+                pass
+        raise
 
 
 def _handshake(store: Any, backend: str, rank: int, world_size: int, timeout_s: float) -> None:
@@ -172,7 +227,7 @@ class WeightSyncGroup:
         _handshake(store, self.backend, self.rank, self.world_size, join_s)
         if self.backend == "gloo":
             pg = torch.distributed.ProcessGroupGloo(store, self.rank, self.world_size,
-                                                    timedelta(seconds=self.timeout_s))  # per collective
+                                                    _gloo_options(host, self.timeout_s))
             with self._lock:
                 self._pg = pg
             return
