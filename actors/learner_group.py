@@ -62,9 +62,23 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------ helpers
     def _all(self, method: str, *args, per_rank=None):
+        """Call ``method`` on every rank; fail as soon as one rank fails (the others may be waiting
+        in a collective for it), else return the results in rank order."""
         import ray
         refs = [getattr(a, method).remote(*(per_rank[r] if per_rank else args)) for r, a in enumerate(self.actors)]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
         return ray.get(refs)
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the policy (from rank 0's weight manifest), e.g. to size a checkpoint."""
+        if getattr(self, "_num_params", None) is None:
+            import math
+            self._num_params = sum(math.prod(spec.shape) for spec in self.weight_manifest())
+        return self._num_params
 
     @staticmethod
     def _check_batch(batch: Dict[str, torch.Tensor]) -> int:
@@ -167,6 +181,17 @@ class LearnerGroup:
         import ray
         refs = [a.broadcast_weights.remote(version) for a in self.actors]
         return ray.get(refs)[0] if wait else refs
+
+    def kill(self) -> None:
+        """Stop every rank now (a rank died: the others may be stuck in a collective)."""
+        import ray
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.pg)
+            self.pg = None
+        self.actors = []
 
     def shutdown(self) -> None:
         import ray

@@ -4,7 +4,8 @@ Composes ``conf/``, validates every value and then the user's data files and mod
 (``dispo_ray.data.preflight``) before anything starts: a user error prints one line naming the key,
 file or row and exits 2. A run that fails later prints one line naming the root cause
 (``dispo_ray.infra.failures.describe``: the engine's own error, Ray's memory-monitor verdict, ...), keeps
-the full traceback in ``<run_dir>/error.log`` and exits 1.
+the full traceback in ``<run_dir>/error.log`` and exits 1. SIGTERM / SIGINT stop it gracefully
+(``dispo_ray.infra.stop``): a checkpoint, one line with the resume command, exit 143 / 130.
 """
 from __future__ import annotations
 
@@ -34,9 +35,14 @@ def _hydra_main(cfg: DictConfig) -> None:
         _fail(str(e), 2)
     from dispo_ray.rollout.driver import run  # Ray and the actors are imported only after validation
     from dispo_ray.infra.failures import describe
+    from dispo_ray.infra.stop import STOP, StopNow
 
     try:
-        run(root)
+        summary = run(root)
+        if summary.get("stopped_by_signal"):
+            sys.exit(STOP.exit_code)  # 143 (SIGTERM) / 130 (SIGINT); the line was printed
+    except StopNow as e:
+        _fail(str(e), 128 + e.signum)
     except (KeyboardInterrupt, SystemExit):
         raise
     except ConfigError as e:  # a data or config problem found while loading (e.g. every prompt too long)

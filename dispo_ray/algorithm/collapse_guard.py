@@ -118,6 +118,19 @@ class CollapseGuard:
         if step not in self.saved_steps:
             self.saved_steps.append(step)
 
+    def protected_checkpoints(self, step: int) -> List[int]:
+        """The checkpoint a rollback triggered from now on could restore and retention must keep:
+        the newest c with c + 1 + k < b for the earliest streak start b still possible (a streak
+        running now began at ``step - streak + 1``; a new one begins at ``step + 1`` or later)."""
+        if not self.cfg.enabled or self.cfg.action != "rollback" or self.rollbacks >= self.cfg.max_rollbacks:
+            return []
+        begin = step + 1 - max(self.streak.values(), default=0)
+        before = [c for c in self.saved_steps if c <= begin - 2 - self.k]
+        return [max(before)] if before else []
+
+    def forget_checkpoints(self, deleted: List[int]) -> None:
+        self.saved_steps = [c for c in self.saved_steps if c not in set(deleted)]
+
     def respond(self, step: int, fired: List[str], windows: Mapping[str, float],
                 limits: Mapping[str, float]) -> Response:
         """Decide the action for the signals that fired at ``step`` (given the windows in force

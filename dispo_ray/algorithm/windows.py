@@ -53,6 +53,11 @@ class LossWindows:
         self.current.update({k: v for k, (_, v) in changed.items()})
         return changed
 
+    def push(self) -> None:
+        """Send every window in force to the learners (a rebuilt learner group starts configured)."""
+        if self.enabled and self.learners is not None:
+            self.learners.set_loss_windows(dict(self.current))
+
     def metrics(self) -> Dict[str, float]:
         return {f"windows/{k}": v for k, v in self.current.items()} if self.enabled else {}
 

@@ -206,6 +206,10 @@ class TrainerConfig:
     eval_max_prompts: int = MISSING
     save_every: int = MISSING  # 0 = only at the end
     resume: bool = MISSING
+    keep_checkpoints: int = MISSING  # newest N complete checkpoints kept (+ what a rollback may need); 0 = all
+    save_on_stop: bool = MISSING  # SIGTERM/SIGINT: save a checkpoint before exiting
+    max_learner_restarts: int = MISSING  # a dead learner rank: rebuild + restore this many times per run
+    export_final: bool = MISSING  # write <run_dir>/final_hf (HF format) when the run completes
     tensorboard: bool = MISSING
     wandb_project: Optional[str] = MISSING
     progress_bar: bool = MISSING

@@ -29,6 +29,10 @@ OOM_ADVICE = ("lower generator.max_new_tokens, trainer.eval_max_prompts, trainer
               "RAY_memory_usage_threshold, default 0.95 of the node)")
 
 
+class RunError(RuntimeError):
+    """The run cannot go on; the message is already the one line for the console."""
+
+
 class EngineFailure(RuntimeError):
     """A generator engine failed; the message is the root-cause line and the log file."""
 
@@ -97,6 +101,8 @@ def engine_root_cause(exc: BaseException, since: Dict[str, int], what: str) -> E
 
 def describe(exc: BaseException) -> str:
     """One line for the console naming why the run stopped."""
+    if isinstance(exc, RunError):
+        return str(exc)
     text = f"{type(exc).__name__}: {exc}"
     m = re.search(rf"{ENGINE_FAILURE}: (.+)", text)
     if m:

@@ -167,6 +167,8 @@ def validate(c: Any) -> None:
     _check(tr.eval_every >= 0, "trainer.eval_every", tr.eval_every, ">= 0 (0 = only at the end)")
     _check(tr.eval_k >= 1, "trainer.eval_k", tr.eval_k, ">= 1")
     _check(tr.save_every >= 0, "trainer.save_every", tr.save_every, ">= 0")
+    _check(tr.keep_checkpoints >= 0, "trainer.keep_checkpoints", tr.keep_checkpoints, ">= 0 (0 = keep all)")
+    _check(tr.max_learner_restarts >= 0, "trainer.max_learner_restarts", tr.max_learner_restarts, ">= 0")
     samples = tr.prompts_per_step * a.group_size
     ranks_x_minis = l.num_actors * l.mini_batches
     _check(samples % ranks_x_minis == 0, "trainer.prompts_per_step", tr.prompts_per_step,

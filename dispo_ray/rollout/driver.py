@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
 
 from dispo_ray.algorithm.advantages import assign_advantages
 from dispo_ray.infra.config import RootConfig, to_dict
+from dispo_ray.infra.stop import STOP
 from dispo_ray.rollout.samples import collate
 from dispo_ray.rollout.startup import StartupClock, start_concurrently
 
@@ -87,7 +89,7 @@ def rollout_metrics(batch: Any) -> Dict[str, float]:
 class Trainer:
     """Owns the actors, the version counter and the run state; ``fit()`` is the loop."""
 
-    def __init__(self, cfg: RootConfig):
+    def __init__(self, cfg: RootConfig, handle_signals: bool = False):
         from actors.generator import GeneratorPool
         from actors.learner_group import LearnerGroup
         from actors.reward_pool import RewardPool
@@ -115,6 +117,8 @@ class Trainer:
                 self.eval_sets[name] = PromptDataset.from_files([path], self.tokenizer, cfg.data, shuffle=False)
         with clock.phase("ray"):
             init_ray(cfg)
+            if handle_signals:  # again after ray.init: Ray's own SIGTERM handler in the driver aborts
+                STOP.install()
         pools = start_concurrently({
             "rewards": lambda: RewardPool(cfg.reward, max_new_tokens=cfg.generator.max_new_tokens),
             "generators": lambda: GeneratorPool(cfg, self.model_dir),
@@ -130,6 +134,7 @@ class Trainer:
         self.generators.before_reissue = self._resync_restarted
         self.step, self.version = 0, 0
         self.gate = StalenessGate(tr.max_staleness, version=0)
+        self.learner_restarts, self.recoveries = 0, []
 
     # ------------------------------------------------------------------ weight sync
     def connect_weight_sync(self) -> None:
@@ -254,80 +259,64 @@ class Trainer:
         return {"step": self.step, "version": self.version, "cursor": cursor, "gate": self.gate.state_dict(),
                 "guard": self.guard.state_dict(), "windows": self.windows.state_dict()}
 
-    def save(self, producer: Any) -> str:
-        from dispo_ray.infra.run_state import checkpoint_dir, mark_latest, save_driver_state
+    def start_producer(self) -> None:
+        """The rollout thread, from the present step (start, resume, rollback, recovery)."""
+        from dispo_ray.rollout.producer import RolloutProducer
 
-        path = checkpoint_dir(self.run_dir, self.step)
-        self.learners.save_checkpoint(os.path.join(path, "learner"))
-        self.guard.record_checkpoint(self.step)
-        save_driver_state(path, self.driver_state(producer.cursor_before(self.step)))
-        mark_latest(self.run_dir, self.step)
-        return path
+        tr = self.cfg.trainer
+        self.producer = RolloutProducer(self.cfg, self.train_set, self.generators, self.rewards, self.gate,
+                                        start_step=self.step, total_steps=tr.total_steps).start()
 
-    def resume(self) -> bool:
-        from dispo_ray.infra.run_state import latest_checkpoint, load_driver_state
+    def next_batch(self) -> Optional[Any]:
+        """The producer's batch for this step, or None once a stop signal arrived while waiting."""
+        import queue
 
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            return False
-        self.learners.load_checkpoint(os.path.join(path, "learner"))
-        state = load_driver_state(path)
-        self.step, self.version = int(state["step"]), int(state["version"])
-        self.train_set.load_state_dict(state["cursor"])
-        self.gate.load_state_dict(state["gate"])
-        self.guard.load_state_dict(state["guard"])
-        self.windows.load_state_dict(state.get("windows"))  # adapted or widened windows continue
-        # metrics.jsonl keeps the history up to the checkpoint; later lines belonged to the lost run
-        path_metrics = os.path.join(self.run_dir, "metrics.jsonl")
-        if os.path.exists(path_metrics):
-            with open(path_metrics) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step]
-            with open(path_metrics, "w") as f:
-                f.writelines(keep)
-        self.sync_weights(self.version)  # generators start from the checkpoint's weights
-        return True
+        while not STOP.requested:
+            try:
+                return self.producer.get(self.step, timeout=0.5)
+            except queue.Empty:
+                continue
+        return None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Dict[str, Any]:
         from dispo_ray.algorithm.adaptive_windows import AdaptiveWindows
         from dispo_ray.algorithm.collapse_guard import CollapseGuard
-        from dispo_ray.infra.metrics_log import MetricsLogger
-        from dispo_ray.rollout.rollback import after_step, roll_back
-        from dispo_ray.rollout.producer import RolloutProducer
         from dispo_ray.algorithm.windows import LossWindows
+        from dispo_ray.infra.metrics_log import MetricsLogger
+        from dispo_ray.rollout.checkpointing import resume, save
+        from dispo_ray.rollout.rollback import after_step, roll_back
 
         cfg, tr = self.cfg, self.cfg.trainer
         self.guard = CollapseGuard(tr.collapse_guard, tr.max_staleness)
         self.windows = LossWindows(cfg.algorithm, self.learners)
         aw = cfg.algorithm.adaptive_windows
         self.controller = AdaptiveWindows(aw, self.windows.configured, self.windows.limits) if aw.enabled else None
-        resumed = tr.resume and self.resume()
+        resumed = bool(tr.resume and resume(self, lambda line: print(line, flush=True)))
         log = MetricsLogger(self.run_dir, tr.total_steps, tr.tensorboard, tr.wandb_project, tr.progress_bar,
                             config=to_dict(cfg), start_step=self.step)
         if resumed:
             log.message(f"resumed from step {self.step} (version {self.version})")
-        self.producer = RolloutProducer(cfg, self.train_set, self.generators, self.rewards, self.gate,
-                                        start_step=self.step, total_steps=tr.total_steps).start()
+        self.start_producer()
         first_eval: Optional[float] = None
         last_eval: Dict[str, float] = {}
-        stopped_by_guard = False
+        stopped_by_guard, self.stopped_by, checkpoint = False, None, None
         try:
             if not resumed:
+                self.warn_if_disk_small(log)
                 last_eval = self.evaluate()
                 first_eval = last_eval.get("eval/accuracy")
                 log.log(0, last_eval, advance=False)  # step 0: before any update
                 if tr.collapse_guard.action == "rollback":  # a collapse from the first steps on can return here
-                    self.save(self.producer)
-            while self.step < tr.total_steps:
+                    save(self)
+            while self.step < tr.total_steps and not STOP.requested:
                 t_step = time.perf_counter()
-                t_wait = time.perf_counter()
-                batch = self.producer.get(self.step)
-                metrics = {"timing/wait_rollout": time.perf_counter() - t_wait, **rollout_metrics(batch)}
-                # Training and the broadcast that publishes its result are one unit: a re-sync
-                # for a restarted generator must never send half-updated weights.
-                with self._sync_lock:
-                    metrics.update(self.train_on(batch))
-                    metrics["timing/sync"] = self.sync_weights(self.step + 1)
+                batch = self.next_batch()
+                if batch is None:  # a stop signal while waiting: the rollout is abandoned
+                    break
+                metrics = {"timing/wait_rollout": time.perf_counter() - t_step, **rollout_metrics(batch)}
+                if not self.train_and_publish(batch, metrics, log):
+                    continue  # a learner rank was lost: the group was rebuilt from the last checkpoint
                 self.step += 1
                 metrics["version"] = float(self.version)
                 # The step's own time (rollout wait, train, sync); evaluation is timing/eval.
@@ -344,21 +333,54 @@ class Trainer:
                     continue
                 stopped_by_guard = response is not None and response.action == "stop"
                 if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.total_steps or stopped_by_guard:
-                    self.save(self.producer)
+                    checkpoint = save(self)
                 if stopped_by_guard:
                     log.message(f"stopping at step {self.step}: collapse guard triggered (checkpoint saved)")
                     break
+            if STOP.requested:
+                self.stopped_by = STOP.name
+                if tr.save_on_stop and self.step > 0:
+                    checkpoint = checkpoint if checkpoint and checkpoint.endswith(f"step_{self.step}") else save(self)
+            elif self.step == tr.total_steps and tr.export_final:
+                self.learners.export_hf(os.path.join(self.run_dir, "final_hf"))
         finally:
-            self.producer.stop()
+            self.producer.stop(wait=not STOP.requested)  # a signal: never wait for a rollout in flight
             log.close()
         summary = {"run_dir": self.run_dir, "steps": self.step, "version": self.version,
                    "first_eval_accuracy": first_eval, "last_eval_accuracy": last_eval.get("eval/accuracy"),
                    "collapse_events": self.guard.events, "stopped_by_collapse_guard": stopped_by_guard,
                    "rollbacks": self.guard.rollbacks, "windows": self.windows.state_dict(),
-                   "startup_seconds": dict(self.startup.seconds)}
+                   "startup_seconds": dict(self.startup.seconds), "stopped_by_signal": self.stopped_by,
+                   "checkpoint": checkpoint if self.stopped_by else None, "learner_recoveries": self.recoveries}
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         return summary
+
+    def train_and_publish(self, batch: Any, metrics: Dict[str, float], log: Any) -> bool:
+        """Train on the batch and broadcast the result (one unit: a re-sync for a restarted
+        generator must never send half-updated weights). False when a learner rank died and the
+        run went back to its last checkpoint instead (:mod:`dispo_ray.rollout.recovery`)."""
+        from dispo_ray.rollout.recovery import dead_learner, recover_learners
+
+        try:
+            with self._sync_lock:
+                metrics.update(self.train_on(batch))
+                metrics["timing/sync"] = self.sync_weights(self.step + 1)
+            return True
+        except Exception as e:  # noqa: BLE001 - only a lost learner rank is recovered here
+            what = dead_learner(self.learners, e)
+            if what is None:
+                raise
+            recover_learners(self, what, log)
+            return False
+
+    def warn_if_disk_small(self, log: Any) -> None:
+        from dispo_ray.infra.checkpoints import estimate_bytes, space_warning
+
+        if self.cfg.trainer.save_every or self.cfg.trainer.save_on_stop:
+            line = space_warning(self.run_dir, estimate_bytes(self.run_dir, self.learners.num_params))
+            if line:
+                log.message(line)
 
     def shutdown(self) -> None:
         for part in ("generators", "learners", "rewards"):
@@ -378,11 +400,21 @@ def _raise_if_done(refs: List[Any]) -> None:
 
 
 def run(cfg: RootConfig) -> Dict[str, Any]:
-    trainer = Trainer(cfg)
+    from dispo_ray.infra.stop import resume_command
+
+    STOP.install()  # before the pools start; installed again after ray.init
+    trainer = Trainer(cfg, handle_signals=True)
     try:
         summary = trainer.fit()
     finally:
         trainer.shutdown()
+    if summary["stopped_by_signal"]:
+        saved = (f"checkpoint saved at {summary['checkpoint']}" if summary["checkpoint"]
+                 else "no checkpoint saved" + (" (trainer.save_on_stop=false)" if cfg.trainer.save_on_stop is False
+                                               else " (no step finished)"))
+        print(f"stopped by {summary['stopped_by_signal']} at step {summary['steps']}: {saved}; resume with: "
+              f"{resume_command(summary['run_dir'])}", file=sys.stderr, flush=True)
+        return summary
     first, last = summary["first_eval_accuracy"], summary["last_eval_accuracy"]
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     print(f"\ndone: {summary['steps']} steps, eval accuracy {fmt(first)} -> {fmt(last)}, "

@@ -86,10 +86,17 @@ class RolloutProducer:
         with self._lock:
             return dict(self._cursors.get(step) or self.dataset.state_dict())
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """End the thread after its present call; ``wait=False`` (a stop signal) does not join it
+        (a daemon thread: the pools' shutdown ends whatever it was waiting for)."""
         self._stop.set()
         self.gate.close()
-        self._thread.join(timeout=600)
+        if wait:
+            self._thread.join(timeout=600)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     # ------------------------------------------------------------------ thread body
     def _run(self) -> None:

@@ -21,7 +21,6 @@ of the abandoned steps stay in metrics.jsonl; ``collapse/rollbacks`` tells the b
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Optional
 
 from dispo_ray.algorithm.collapse_guard import Response
@@ -55,24 +54,11 @@ def after_step(trainer: Any, metrics: Dict[str, float], log: Any) -> Optional[Re
 
 def roll_back(trainer: Any, step: int) -> None:
     """Restore checkpoint ``step`` and restart the rollout side from it (see the module docstring)."""
-    from dispo_ray.rollout.producer import RolloutProducer
-    from dispo_ray.infra.run_state import checkpoint_dir, load_driver_state, mark_latest, save_driver_state
-    from dispo_ray.rollout.staleness import StalenessGate
+    from dispo_ray.infra.run_state import checkpoint_dir
+    from dispo_ray.rollout.checkpointing import restore
 
-    cfg = trainer.cfg
     trainer.producer.stop()
-    if trainer.producer._thread.is_alive():
+    if trainer.producer.running:
         raise RuntimeError("rollback: the rollout producer did not stop")
-    path = checkpoint_dir(trainer.run_dir, step)
-    trainer.learners.load_checkpoint(os.path.join(path, "learner"))
-    state = load_driver_state(path)
-    trainer.step, trainer.version = int(state["step"]), int(state["version"])
-    trainer.train_set.load_state_dict(state["cursor"])
-    gate = StalenessGate(cfg.trainer.max_staleness, version=trainer.version)
-    gate.histogram = trainer.gate.histogram
-    trainer.gate = gate
-    save_driver_state(path, trainer.driver_state(state["cursor"]))
-    mark_latest(trainer.run_dir, step)
-    trainer.sync_weights(trainer.version)
-    trainer.producer = RolloutProducer(cfg, trainer.train_set, trainer.generators, trainer.rewards, trainer.gate,
-                                       start_step=trainer.step, total_steps=cfg.trainer.total_steps).start()
+    restore(trainer, checkpoint_dir(trainer.run_dir, step), rollback=True)
+    trainer.start_producer()
