@@ -69,7 +69,11 @@ class LearnerGroup:
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
+            try:
+                ray.get(done)
+            except Exception:
+                self._abandoned = pending  # read in kill(): an error nobody reads is printed at exit
+                raise
         return ray.get(refs)
 
     @property
@@ -187,6 +191,11 @@ class LearnerGroup:
         import ray
         for a in self.actors:
             ray.kill(a, no_restart=True)
+        for ref in getattr(self, "_abandoned", []):  # the other ranks' calls end with the kill
+            try:
+                ray.get(ref, timeout=30)
+            except Exception:  # noqa: BLE001 - expected: their peer or they themselves are gone
+                pass
         if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
             remove_placement_group(self.pg)

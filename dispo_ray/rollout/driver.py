@@ -400,23 +400,28 @@ def _raise_if_done(refs: List[Any]) -> None:
 
 
 def run(cfg: RootConfig) -> Dict[str, Any]:
-    from dispo_ray.infra.stop import resume_command
-
     STOP.install()  # before the pools start; installed again after ray.init
     trainer = Trainer(cfg, handle_signals=True)
     try:
         summary = trainer.fit()
+        if summary["stopped_by_signal"]:  # said before the pools shut down: the grace period may end there
+            print(stop_line(summary, cfg.trainer.save_on_stop), file=sys.stderr, flush=True)
+            return summary
     finally:
         trainer.shutdown()
-    if summary["stopped_by_signal"]:
-        saved = (f"checkpoint saved at {summary['checkpoint']}" if summary["checkpoint"]
-                 else "no checkpoint saved" + (" (trainer.save_on_stop=false)" if cfg.trainer.save_on_stop is False
-                                               else " (no step finished)"))
-        print(f"stopped by {summary['stopped_by_signal']} at step {summary['steps']}: {saved}; resume with: "
-              f"{resume_command(summary['run_dir'])}", file=sys.stderr, flush=True)
-        return summary
     first, last = summary["first_eval_accuracy"], summary["last_eval_accuracy"]
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     print(f"\ndone: {summary['steps']} steps, eval accuracy {fmt(first)} -> {fmt(last)}, "
           f"collapse events {len(summary['collapse_events'])}\nrun dir: {summary['run_dir']}")
     return summary
+
+
+def stop_line(summary: Dict[str, Any], save_on_stop: bool) -> str:
+    from dispo_ray.infra.stop import resume_command
+
+    if summary["checkpoint"]:
+        saved = f"checkpoint saved at {summary['checkpoint']}"
+    else:
+        saved = "no checkpoint saved (" + ("trainer.save_on_stop=false" if not save_on_stop else "no step finished") + ")"
+    return (f"stopped by {summary['stopped_by_signal']} at step {summary['steps']}: {saved}; "
+            f"resume with: {resume_command(summary['run_dir'])}")

@@ -98,6 +98,6 @@ def recover_learners(trainer: Any, what: str, log: Any) -> Dict[str, float]:
     trainer.recoveries.append({"failed_at_step": failed_at, "restored_step": trainer.step, "steps_redone": redone,
                                "seconds": round(seconds, 1), "what": what})
     log.rewind(trainer.step)
-    log.message(f"recovered from {what.split(' died')[0]}'s loss in {seconds:.1f} s: continuing from step "
-                f"{trainer.step} ({redone} steps redone; recovery {trainer.learner_restarts}/{tr.max_learner_restarts})")
+    log.message(f"learner group rebuilt in {seconds:.1f} s: continuing from step {trainer.step} ({redone} steps "
+                f"redone; recovery {trainer.learner_restarts} of trainer.max_learner_restarts={tr.max_learner_restarts})")
     return {"recovery/seconds": seconds, "recovery/steps_redone": float(redone)}
