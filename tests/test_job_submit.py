@@ -4,6 +4,9 @@ once as verl and OpenRLHF users submit, the plain `ray job submit --working-dir 
 dispo_ray.main ...` with no wrapper and no cluster.address (the driver finds it is a Ray job and
 joins the cluster instead of starting its own). Both jobs share one head.
 
+Ray token authentication on that head: the job API refuses a request without the token or with a
+wrong one (HTTP 401 / 403), and deploy/submit.sh refuses to run without a token (before uploading).
+
 Also: what `--working-dir .` would upload with deploy/runtime_env.yaml's excludes, measured with
 Ray's own packaging code (the zip Ray builds), must stay small.
 """
@@ -19,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
@@ -71,8 +76,9 @@ def test_excludes_drop_heavy_files_and_keep_code(tmp_path):
     root = tmp_path / "proj"
     heavy = [".venv/lib/torch.so", ".git/objects/pack/p.pack", "runs/r1/checkpoints/step_2/model.safetensors",
              "outputs/x.log", "data/train.parquet", "ckpt/optim.pt", "dispo_ray/__pycache__/m.cpython-311.pyc",
-             "wandb/run-1/files/out.bin", "runs2/events.out.tfevents.123.host"]
-    light = ["dispo_ray/main.py", "actors/generator.py", "conf/config.yaml", "deploy/submit.sh"]
+             "wandb/run-1/files/out.bin", "runs2/events.out.tfevents.123.host", "build/gpu-kit/py/torch_ext.so",
+             "tests/schemas/kuberay-v1.7.0-ray.io_rayjobs.yaml"]
+    light = ["dispo_ray/main.py", "actors/generator.py", "conf/config.yaml", "deploy/submit.sh", "tests/test_x.py"]
     for rel in heavy + light:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +86,27 @@ def test_excludes_drop_heavy_files_and_keep_code(tmp_path):
     names = set(zipfile.ZipFile(_package(root, tmp_path / "p.zip")).namelist())
     assert set(light) <= names
     assert not names & set(heavy), sorted(names & set(heavy))
+
+
+def _no_auth_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), RAY_ADDRESS="http://127.0.0.1:9", RAY_BIN=str(home / "ray-not-installed"))
+    return env
+
+
+def test_submit_sh_refuses_without_a_token_in_one_line(tmp_path):
+    env = _no_auth_env(tmp_path)
+    out = subprocess.run(["bash", str(SUBMIT), "trainer.total_steps=2"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "no Ray auth token" in out.stderr and "RAY_AUTH_TOKEN" in out.stderr
+    out = subprocess.run(["bash", str(SUBMIT)], env=dict(env, RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN="t"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "RAY_AUTH_MODE=disabled refused" in out.stderr, out.stderr
+    # a token (here Ray's default file) passes the gate: the script goes on to exec the ray CLI
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    out = subprocess.run(["bash", str(SUBMIT)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 127 and "ray-not-installed" in out.stderr, out.stderr
 
 
 # ---------------------------------------------------------------- the real job
@@ -156,7 +183,7 @@ def ray_head():
                 if time.time() > deadline:
                     raise
                 time.sleep(2)
-        yield address, client_, env
+        yield address, client_, env, token
     finally:
         _kill_tree(head, temp_dir)
         log.close()
@@ -182,9 +209,33 @@ def wait_for_success(client, sub_id: str, run_dir: Path) -> str:
     return logs
 
 
+def _status(url: str, headers: dict) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+def test_job_api_refuses_requests_without_the_token(ray_head, tmp_path):
+    address, client, env, token = ray_head
+    url = f"{address}/api/jobs/"
+    assert _status(url, {}) == 401
+    assert _status(url, {"Authorization": f"Bearer {secrets.token_hex(32)}"}) == 403
+    assert _status(url, {"Authorization": f"Bearer {token}"}) == 200
+    # the job CLI through deploy/submit.sh with a wrong token: refused, and no job was created
+    before = {j.submission_id for j in client.list_jobs()}
+    out = subprocess.run(["bash", str(SUBMIT), "trainer.total_steps=2"], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(env, RAY_ADDRESS=address, RAY_BIN=str(VENV_BIN / "ray"), RAY_AUTH_TOKEN=secrets.token_hex(32)),
+                         timeout=300)
+    assert out.returncode != 0 and "Authentication failed" in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
+    assert {j.submission_id for j in client.list_jobs()} == before
+
+
 @pytest.mark.slow
 def test_submit_sh_runs_two_steps_on_a_local_head(ray_head, tmp_path):
-    address, client, env = ray_head
+    address, client, env, _ = ray_head
     run_dir = tmp_path / "run"
     sub_id = f"dispo-test-{uuid.uuid4().hex[:8]}"
     env = dict(env, RAY_ADDRESS=address, RAY_BIN=str(VENV_BIN / "ray"),
@@ -211,7 +262,7 @@ def test_submit_sh_runs_two_steps_on_a_local_head(ray_head, tmp_path):
 def test_plain_ray_job_submit_joins_the_cluster(ray_head, tmp_path):
     """No wrapper, no cluster.address: the job's driver joins the head it runs on (before the fix
     Ray refused: "When connecting to an existing cluster, num_cpus and num_gpus must not be provided")."""
-    address, client, env = ray_head
+    address, client, env, _ = ray_head
     run_dir = tmp_path / "run"
     sub_id = f"dispo-plain-{uuid.uuid4().hex[:8]}"
     out = subprocess.run(

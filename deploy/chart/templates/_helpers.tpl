@@ -28,6 +28,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- default (printf "%s/runs/%s" .Values.storage.mountPath (include "dispo-ray.fullname" .)) .Values.trainer.runDir -}}
 {{- end -}}
 
+{{/* The Secret holding the Ray auth token (key auth_token, as KubeRay expects). */}}
+{{- define "dispo-ray.authSecretName" -}}
+{{- default (printf "%s-ray-token" (include "dispo-ray.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* Labels selecting every pod of this release (the NetworkPolicy's peers). */}}
+{{- define "dispo-ray.selectorLabels" -}}
+app.kubernetes.io/name: {{ default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{/* The custom Ray resource a worker group advertises and its pool asks for (call with the group name). */}}
 {{- define "dispo-ray.nodeResource" -}}
 dispo_{{ . }}
@@ -45,6 +56,7 @@ dispo_{{ . }}
 {{- if eq $learners 0 -}}
 {{- fail "learner: replicas * gpusPerPod must be at least 1" -}}
 {{- end }}
++preset=gpu
 cluster.address=auto
 algorithm={{ $v.dispo.algorithm }}
 algorithm.eps_low_pos={{ $v.dispo.epsLowPos }}
@@ -101,18 +113,58 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
+{{/* Call with dict "root" $ "extraCaps" (list ...): capabilities a group needs on top of security.addCapabilities. */}}
 {{- define "dispo-ray.containerSecurityContext" -}}
 privileged: false
 allowPrivilegeEscalation: false
 runAsNonRoot: true
 capabilities:
   drop: ["ALL"]
-  {{- with .Values.security.addCapabilities }}
+  {{- with (concat .root.Values.security.addCapabilities (default list .extraCaps) | uniq) }}
   add: {{ toJson . }}
   {{- end }}
 {{- end -}}
 
+{{/* Ray token authentication (also what KubeRay injects; set here so the submitter and every Ray
+     container carry it whatever the operator version does). */}}
+{{- define "dispo-ray.authEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ include "dispo-ray.authSecretName" . | quote }}, key: auth_token}
+{{- end -}}
+
+{{/* NCCL settings of the GPU pods (nccl.* in values.yaml). */}}
+{{- define "dispo-ray.ncclEnv" -}}
+{{- $n := .Values.nccl -}}
+{{- if eq $n.mode "tcp" }}
+{{- if gt (mul (int $n.tcp.socketNthreads) (int $n.tcp.nsocksPerThread)) 64 }}
+{{- fail (printf "nccl.tcp: socketNthreads * nsocksPerThread = %d, NCCL allows at most 64" (mul (int $n.tcp.socketNthreads) (int $n.tcp.nsocksPerThread))) }}
+{{- end }}
+- {name: NCCL_NET, value: Socket}
+- {name: NCCL_IB_DISABLE, value: "1"}
+- {name: NCCL_SOCKET_NTHREADS, value: {{ $n.tcp.socketNthreads | quote }}}
+- {name: NCCL_NSOCKS_PERTHREAD, value: {{ $n.tcp.nsocksPerThread | quote }}}
+{{- else }}
+- {name: NCCL_NET, value: IB}
+- {name: NCCL_IB_DISABLE, value: "0"}
+{{- with $n.rdma.hca }}
+- {name: NCCL_IB_HCA, value: {{ . | quote }}}
+{{- end }}
+{{- if ne (toString $n.rdma.gidIndex) "" }}
+- {name: NCCL_IB_GID_INDEX, value: {{ toString $n.rdma.gidIndex | quote }}}
+{{- end }}
+{{- end }}
+{{- with $n.socketIfname }}
+- {name: NCCL_SOCKET_IFNAME, value: {{ . | quote }}}
+{{- end }}
+{{- with $n.debug }}
+- {name: NCCL_DEBUG, value: {{ . | quote }}}
+{{- end }}
+{{- end -}}
+
 {{- define "dispo-ray.env" -}}
+{{ include "dispo-ray.authEnv" . }}
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
@@ -132,6 +184,7 @@ capabilities:
 {{- define "dispo-ray.podTemplate" -}}
 {{- $root := .root -}}
 {{- $g := .group -}}
+{{- $rdma := and (gt (int .gpus) 0) (eq $root.Values.nccl.mode "rdma") -}}
 metadata:
   labels:
     {{- include "dispo-ray.labels" $root | nindent 4 }}
@@ -158,21 +211,28 @@ spec:
       image: {{ include "dispo-ray.image" $root | quote }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       securityContext:
-        {{- include "dispo-ray.containerSecurityContext" $root | nindent 8 }}
-      {{- with (include "dispo-ray.env" $root | trim) }}
+        {{- include "dispo-ray.containerSecurityContext" (dict "root" $root "extraCaps" (ternary (list "IPC_LOCK") list $rdma)) | nindent 8 }}
       env:
-        {{- . | nindent 8 }}
-      {{- end }}
+        {{- include "dispo-ray.env" $root | trim | nindent 8 }}
+        {{- if .gpus }}
+        {{- include "dispo-ray.ncclEnv" $root | trim | nindent 8 }}
+        {{- end }}
       resources:
         requests:
           {{- toYaml $g.resources.requests | nindent 10 }}
           {{- if .gpus }}
           nvidia.com/gpu: {{ .gpus }}
           {{- end }}
+          {{- if $rdma }}
+          {{ $root.Values.nccl.rdma.resourceName | quote }}: {{ $root.Values.nccl.rdma.resourcesPerPod }}
+          {{- end }}
         limits:
           {{- toYaml $g.resources.limits | nindent 10 }}
           {{- if .gpus }}
           nvidia.com/gpu: {{ .gpus }}
+          {{- end }}
+          {{- if $rdma }}
+          {{ $root.Values.nccl.rdma.resourceName | quote }}: {{ $root.Values.nccl.rdma.resourcesPerPod }}
           {{- end }}
       volumeMounts:
         - {name: dshm, mountPath: /dev/shm}
