@@ -107,7 +107,9 @@ class WeightSyncWorkerExtension:
             load = model.load_weights
         else:
             load = lambda it: self.reload_weights(weights_iterator=it)  # noqa: E731
-        version = receiver.receive(load, ["lm_head.weight"] if tied else [])
+        # the layerwise reload holds a layer's tensors until the layer is complete: it needs copies
+        # of those that arrive through the receiver's one persistent staging buffer
+        version = receiver.receive(load, ["lm_head.weight"] if tied else [], owned=not self.dispo_in_place)
         # the layerwise reload re-processes an untied head itself; every other CPU case repacks here
         if self.dispo_cpu and (tied or self.dispo_in_place):
             _refresh_lm_head(model, tied)

@@ -231,10 +231,11 @@ def test_backend_mismatch_fails_at_formation_with_one_line_on_both_sides():
     assert other.startswith("WeightSyncError") and "rank 1 speaks nccl, rank 0 speaks gloo" in other
 
 
-def test_disabled_communicator_is_refused():
+def test_disabled_communicator_is_refused(monkeypatch):
     from types import SimpleNamespace as NS
 
     from dispo_ray.infra.sync_transport import check_communicator
+    monkeypatch.setenv("VLLM_DISABLE_PYNCCL", "1")  # read by vLLM's envs, as PyNcclCommunicator does
     with pytest.raises(WeightSyncError, match="disabled .*VLLM_DISABLE_PYNCCL"):
         check_communicator(NS(disabled=True), 3)
     check_communicator(NS(disabled=False), 3)

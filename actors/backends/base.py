@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from dispo_ray.infra.weight_sync import ParamSpec, WeightSyncGroup, receive_weights
+from dispo_ray.infra.weight_sync import ParamSpec, WeightSyncGroup, receive_plan_for, receive_weights
 
 
 @dataclass
@@ -76,11 +76,20 @@ class WeightReceiver:
         self.manifest = [ParamSpec(n, tuple(s), d) for n, s, d in manifest_to_wire(manifest)]
         self.bucket_bytes, self.rank = int(bucket_bytes), rank
         self.group = WeightSyncGroup(backend, host, port, rank, world_size, timeout_s, device=device)
+        # measured once the engine holds its memory: a bucket size that does not fit fails here,
+        # at join, in one line naming learner.sync_bucket_mb
+        try:
+            self.plan = receive_plan_for(self.group, self.manifest, self.bucket_bytes)
+        except Exception:
+            self.group.close()
+            raise
 
     def receive(self, load: Callable[[Iterable[Tuple[str, torch.Tensor]]], Any],
-                skip: Iterable[str] = ()) -> int:
+                skip: Iterable[str] = (), owned: bool = False) -> int:
+        """``owned``: ``load`` keeps the tensors it is given beyond the next one (see
+        :func:`dispo_ray.infra.weight_sync.receive_weights`)."""
         skip = set(skip)
-        version, stream = receive_weights(self.group, self.manifest, self.bucket_bytes)
+        version, stream = receive_weights(self.group, self.manifest, self.bucket_bytes, plan=self.plan, owned=owned)
         load((name, t) for name, t in stream if name not in skip)
         for _ in stream:  # whatever ``load`` left unread
             pass

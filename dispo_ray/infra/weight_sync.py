@@ -282,22 +282,92 @@ def send_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], tensors:
     return sender.end()
 
 
+RECV_RESERVE_BYTES = 512 << 20  # device memory a receiver leaves untouched beyond its sync buffers
+
+
+@dataclass(frozen=True)
+class ReceivePlan:
+    """How a receiver reassembles a tensor larger than a bucket (it arrives in pieces of
+    ``bucket_bytes``): in a device buffer of its own (``large_on_device``), or through the group's
+    one persistent host buffer of ``staging_bytes`` (:meth:`WeightSyncGroup.host_staging`)."""
+    large_on_device: bool
+    staging_bytes: int
+
+
+def max_bucket_bytes(free_bytes: int, reserve_bytes: int = RECV_RESERVE_BYTES) -> int:
+    """The largest bucket a GPU receiver can take with ``free_bytes`` free after its engine's
+    allocation: ``RECV_AHEAD + 1`` bucket-sized buffers live at once (posted receives plus the one
+    being loaded), beside ``reserve_bytes``."""
+    return max(0, (int(free_bytes) - int(reserve_bytes)) // (RECV_AHEAD + 1))
+
+
+def plan_receive(device_type: str, free_bytes: Optional[int], bucket_bytes: int, large_bytes: Sequence[int],
+                 reserve_bytes: int = RECV_RESERVE_BYTES) -> ReceivePlan:
+    """A receiver's memory plan for the buckets ``learner.sync_bucket_mb`` gives, within the device
+    memory its engine leaves free (``free_bytes``, ``torch.cuda.mem_get_info`` after the engine
+    started; vLLM takes ``gpu_memory_utilization`` of the GPU).
+
+    CUDA: ``RECV_AHEAD + 1`` buckets must fit (else one line naming the key and the largest bucket
+    that fits). Tensors larger than a bucket (``large_bytes``: a 7B model's embedding and LM head,
+    1.1 GB each) are reassembled on the device when two of the largest fit beside them (the one
+    being loaded and the next, already receiving), so they never cross host memory; otherwise
+    through one persistent pinned host buffer of the largest one's size (one device-to-host and
+    one host-to-device copy each, at DMA speed, and no allocation per tensor or per sync).
+    Host (gloo): the device is the host; the persistent buffer saves a fresh mmap per tensor,
+    whose page faults cost more than the copy."""
+    largest = max((int(n) for n in large_bytes), default=0)
+    if device_type != "cuda":
+        return ReceivePlan(False, largest)
+    need = (RECV_AHEAD + 1) * int(bucket_bytes) + int(reserve_bytes)
+    if free_bytes is None or free_bytes < need:
+        fits = max_bucket_bytes(free_bytes or 0, reserve_bytes) >> 20
+        raise WeightSyncError(
+            f"config key 'learner.sync_bucket_mb' = {int(bucket_bytes) >> 20}: a weight-sync receiver has "
+            f"{(free_bytes or 0) >> 20} MiB of GPU memory free beside its engine and needs {RECV_AHEAD + 1} buckets "
+            f"+ {int(reserve_bytes) >> 20} MiB; use sync_bucket_mb <= {fits} or a lower generator.gpu_memory_utilization")
+    if largest == 0 or need + 2 * largest <= free_bytes:
+        return ReceivePlan(True, 0)
+    return ReceivePlan(False, largest)
+
+
+def large_tensor_bytes(manifest: Sequence[ParamSpec], bucket_bytes: int, direct_bytes: int = 0) -> List[int]:
+    """Sizes of the buckets that arrive in more than one piece (a tensor larger than a bucket)."""
+    return [n for n in (bucket_nbytes(b) for b in plan_buckets(manifest, bucket_bytes, direct_bytes))
+            if n > bucket_bytes]
+
+
+def receive_plan_for(group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int,
+                     direct_bytes: Optional[int] = None) -> ReceivePlan:
+    """:func:`plan_receive` for this group's device, with its free memory measured now."""
+    if direct_bytes is None:
+        direct_bytes = direct_bytes_for(group.backend)
+    free = torch.cuda.mem_get_info(group.device)[0] if group.device.type == "cuda" else None
+    return plan_receive(group.device.type, free, bucket_bytes, large_tensor_bytes(manifest, bucket_bytes, direct_bytes))
+
+
 def receive_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int,
-                    direct_bytes: Optional[int] = None) -> Tuple[int, Iterator[Tuple[str, torch.Tensor]]]:
+                    direct_bytes: Optional[int] = None, plan: Optional[ReceivePlan] = None,
+                    owned: bool = False) -> Tuple[int, Iterator[Tuple[str, torch.Tensor]]]:
     """Receiver side: declare this rank ready and wait (no deadline) for the sender to start,
     read the header, then yield ``(name, tensor)`` bucket by bucket.
 
-    Each bucket gets a fresh buffer and the yielded tensors are views into it, so a consumer may
-    keep them. A tensor larger than ``bucket_bytes`` arrives in ``bucket_bytes`` pieces into a
-    host buffer (on GPU: through a device buffer of one piece), so a receiver never allocates more
-    than ``RECV_AHEAD`` buckets of device memory outside its engine's budget. The iterator must be
-    drained: the sender blocks until every bucket is received and the completion collective (run
-    when the iterator is exhausted) has joined.
+    A bucket that fits ``bucket_bytes`` gets a fresh device buffer and the yielded tensors are
+    views into it, so a consumer may keep them. A tensor larger than ``bucket_bytes`` arrives in
+    ``bucket_bytes`` pieces and is reassembled as ``plan`` says (default: :func:`receive_plan_for`,
+    measured now): in a device buffer of its own, or through the group's one persistent host buffer
+    (pieces land in ``RECV_AHEAD + 1`` persistent piece buffers and are copied there). A tensor
+    yielded from the persistent buffer is valid only until the consumer asks for the next one
+    (``model.load_weights`` copies at once); a consumer that keeps tensors (vLLM's layerwise
+    ``reload_weights`` holds a layer's until the layer is complete) passes ``owned=True`` and gets a
+    copy. The iterator must be drained: the sender blocks until every bucket is received and the
+    completion collective (run when the iterator is exhausted) has joined.
     """
     manifest = list(manifest)
     if direct_bytes is None:
         direct_bytes = direct_bytes_for(group.backend)
     buckets = plan_buckets(manifest, bucket_bytes, direct_bytes)
+    if plan is None:
+        plan = receive_plan_for(group, manifest, bucket_bytes, direct_bytes)
     group.arrive_and_wait_go()
     header = torch.zeros(5, dtype=torch.int64, device=group.device)
     _guard(group, "header", -1, lambda: group.broadcast(header, 0, "header"))
@@ -306,17 +376,18 @@ def receive_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucke
            and sent_bucket_bytes == bucket_bytes, version)
     # one broadcast per (bucket, byte offset, length): a bucket that fits is one piece
     pieces = [(k, off, n) for k, b in enumerate(buckets) for off, n in wire_chunks(bucket_nbytes(b), bucket_bytes)]
+    sizes = [bucket_nbytes(b) for b in buckets]
+    staged = [n > bucket_bytes and not plan.large_on_device for n in sizes]
     buffers: Dict[int, torch.Tensor] = {}
 
     def _post(i: int) -> Tuple[Any, torch.Tensor]:
         k, off, n = pieces[i]
-        if k not in buffers:
-            size = bucket_nbytes(buckets[k])
-            buffers[k] = torch.empty(size, dtype=torch.uint8,
-                                     device="cpu" if size > bucket_bytes else group.device)
-        full = buffers[k]
-        target = full[off:off + n] if full.device == group.device else \
-            torch.empty(n, dtype=torch.uint8, device=group.device)
+        if staged[k]:  # a piece buffer of its own, copied into the persistent host buffer on arrival
+            target = group.staging(f"recv piece {i % (RECV_AHEAD + 1)}", bucket_bytes)[:n]
+        else:
+            if k not in buffers:
+                buffers[k] = torch.empty(sizes[k], dtype=torch.uint8, device=group.device)
+            target = buffers[k][off:off + n]
         out: List[Any] = []
         _guard(group, f"bucket {k}/{n_buckets}", version, lambda: out.append(group.broadcast_async(target, 0)))
         return out[0], target
@@ -330,10 +401,16 @@ def receive_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucke
             _guard(group, f"bucket {k}/{n_buckets}", version, lambda: group.wait(handle, f"bucket {k}"))
             if i + RECV_AHEAD < len(pieces):
                 pending.append(_post(i + RECV_AHEAD))
-            full = buffers[k]
-            if full.device != group.device:  # a piece of a large tensor: to its host buffer
-                full[off:off + n].copy_(target)
-            if off + n == full.numel():
+            if staged[k]:
+                # the consumer is done with the previous tensor from this buffer: it asked for more
+                host = group.host_staging(max(plan.staging_bytes, sizes[k]))
+                host[off:off + n].copy_(target, non_blocking=target.is_cuda)
+                if off + n == sizes[k]:
+                    if target.is_cuda:  # the device-to-host copies have landed
+                        torch.cuda.current_stream(target.device).synchronize()
+                    for name, t in unpack(host[:sizes[k]], buckets[k]):
+                        yield name, (t.clone() if owned else t)
+            elif off + n == sizes[k]:
                 yield from unpack(buffers.pop(k), buckets[k])
         _complete(group, version)
 
