@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, on a bare CUDA machine (driver + Python 3.10-3.12, nothing else):
+# The GPU checks in one command, on a bare CUDA machine (NVIDIA driver >= 580, Python 3.11 or 3.12):
 #
 #   tests/gpu/run.sh            # install into .venv-gpu (first time), run every check in tests/gpu
 #   PYTHON=python3.12 tests/gpu/run.sh
 #
 # Installs the pinned GPU set from PyPI into its own venv (.venv-gpu, never the CPU .venv):
-# torch 2.13.0 (CUDA build, its own pip call first), then this package with the `gpu` and `test`
+# torch 2.13.0 (CUDA 13 build, its own pip call first), then this package with the `gpu` and `test`
 # extras (vllm==0.32.0, the CUDA build at the CPU build's version; ray, deepspeed, transformers as
 # pyproject.toml pins them). Then runs tests/gpu and prints one line per check:
 #   (a) one GPU: NCCL sender + CUDA receiver in two processes, bit-exact, GB/s
 #   (b) two GPUs: learner group + vLLM pool through Trainer.sync_weights, bf16 log-probs agree
 #   (c) three GPUs: the same with tensor_parallel_size=2
 #   (d) one GPU: a receiver SIGKILLed mid-sync, the sender raises in time, a re-formed group works
+#   (f) one GPU: host-staging cost of Qwen2.5-7B-shaped syncs for several bucket sizes
+#   (g) one GPU: a ZeRO-3 bf16 learner (Qwen2.5-0.5B shapes) broadcasting over NCCL, bit-exact
 #   plus the older GPU checks (DeepSpeed bf16 step, chunked log-prob memory, hf/vLLM generators).
-# A check whose hardware is missing is reported SKIPPED with its reason. Exit status: 1 if any failed.
+# A check whose hardware is missing is reported SKIPPED with its reason. Exit status 1 (one line
+# saying why) when: no Python 3.11/3.12 is found; nvidia-smi lists GPUs that torch cannot see (the
+# driver is too old for CUDA 13); any check failed; or no check passed. The decisions live in
+# tests/gpu/lib.sh and tests/gpu/summary.py (tested on CPU by tests/test_gpu_kit.py).
+#
+# A machine without Ray/vLLM and without network (the lent H100): see tests/gpu/kit (make gpu-kit).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source tests/gpu/lib.sh
 
-PYTHON="${PYTHON:-python3}"
+PYTHON="$(pick_python)" || exit 1
 VENV="${VENV:-.venv-gpu}"
 if [[ ! -f "$VENV/.installed" ]]; then
   "$PYTHON" -m venv "$VENV"
@@ -26,6 +34,7 @@ if [[ ! -f "$VENV/.installed" ]]; then
   DS_BUILD_OPS=0 "$VENV/bin/pip" install -q -e ".[gpu,test]"
   touch "$VENV/.installed"
 fi
+check_gpus_visible "$VENV/bin/python" || exit 1
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 DS_BUILD_OPS=0
 unset DS_ACCELERATOR   # each learner actor picks its accelerator from what Ray granted
@@ -37,21 +46,4 @@ set +e
 "$VENV/bin/python" -m pytest -q -s -p no:cacheprovider tests/gpu --junitxml="$report" "$@"
 status=$?
 set -e
-"$VENV/bin/python" - "$report" <<'PY'
-import sys
-import xml.etree.ElementTree as ET
-
-print("\n== GPU checks ==")
-for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
-    name, secs = case.get("name"), float(case.get("time", 0))
-    skipped = case.find("skipped")
-    failed = case.find("failure") if case.find("failure") is not None else case.find("error")  # Elements without children are falsy
-    if failed is not None:
-        line = f"FAILED   {(failed.get('message') or '').splitlines()[0][:150] if failed.get('message') else ''}"
-    elif skipped is not None:
-        line = f"SKIPPED  {skipped.get('message', '')[:150]}"
-    else:
-        line = "PASSED"
-    print(f"{case.get('classname').split('.')[-1]}::{name}  {line}  ({secs:.0f}s)")
-PY
-exit $status
+"$VENV/bin/python" tests/gpu/summary.py "$report" "$status"
