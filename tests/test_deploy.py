@@ -134,7 +134,8 @@ def pod_templates(job: dict) -> dict:
 
 # ---------------------------------------------------------------- helm engine: lint, schema
 def test_chart_lints_clean_with_defaults_and_overrides():
-    for values in (None, {"dispo": {"epsHighNeg": 55}, "storage": {"existingClaim": "pvc"}}):
+    for values in (None, {"dispo": {"epsHighNeg": 55}, "storage": {"existingClaim": "pvc"}},
+                   {"nccl": {"mode": "rdma", "rdma": {"gidIndex": 3}}, "auth": {"existingSecret": "t"}, **NETPOL_VALUES}):
         report = helm.lint(str(CHART), values, strict=True)
         assert report["errors"] == [], report
         assert not [m for m in report["messages"] if m["severity"] >= 2], report["messages"]
