@@ -38,7 +38,7 @@ def test_rollback_restores_widens_and_trains_on(ray_cluster, tmp_path, monkeypat
     cfg = compose(SMALL + ["trainer.total_steps=6", f"trainer.run_dir={tmp_path}", "trainer.max_staleness=1",
                            "trainer.save_every=1", "trainer.collapse_guard.action=rollback",
                            "trainer.collapse_guard.patience=2", "trainer.collapse_guard.widen_factor=2",
-                           "learner.mini_batches=2"])
+                           "learner.mini_batches=2", "trainer.keep_checkpoints=0"])  # keep all: see saved_steps
     trainer = driver.Trainer(cfg)
     try:
         summary = trainer.fit()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import threading
 import time
@@ -24,45 +23,7 @@ from dispo_ray.algorithm.advantages import assign_advantages
 from dispo_ray.infra.config import RootConfig, to_dict
 from dispo_ray.infra.stop import STOP
 from dispo_ray.rollout.samples import collate
-from dispo_ray.rollout.startup import StartupClock, start_concurrently
-
-
-def cluster_address(cfg: RootConfig) -> Optional[str]:
-    """Where Ray runs: ``cluster.address`` when set; else ``auto`` (join) when this process is a
-    Ray job's entrypoint (``ray job submit`` sets ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and points
-    ``RAY_ADDRESS`` at the cluster) or ``RAY_ADDRESS`` is set; else None (start a local Ray)."""
-    if cfg.cluster.address:
-        return cfg.cluster.address
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_ADDRESS"):
-        return "auto"
-    return None
-
-
-def init_ray(cfg: RootConfig) -> None:
-    import ray
-
-    if ray.is_initialized():  # e.g. a notebook or a test that started (or joined) Ray itself
-        return
-    env = {k: v for k, v in os.environ.items() if k in (
-        "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "DS_BUILD_OPS", "VLLM_CPU_KVCACHE_SPACE",
-        "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    address = cluster_address(cfg)
-    if address:  # join a running cluster (ray job submit / KubeRay); its size is the cluster's
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 2, 8),
-                 include_dashboard=cfg.cluster.include_dashboard, runtime_env={"env_vars": env},
-                 log_to_driver=False)
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from dispo_ray.rollout.startup import StartupClock, init_ray, seed_everything, start_concurrently
 
 
 def rollout_metrics(batch: Any) -> Dict[str, float]:
@@ -315,7 +276,7 @@ class Trainer:
                 if batch is None:  # a stop signal while waiting: the rollout is abandoned
                     break
                 metrics = {"timing/wait_rollout": time.perf_counter() - t_step, **rollout_metrics(batch)}
-                if not self.train_and_publish(batch, metrics, log):
+                if not self.survive_learner_loss(lambda: self.train_and_publish(batch, metrics), log):
                     continue  # a learner rank was lost: the group was rebuilt from the last checkpoint
                 self.step += 1
                 metrics["version"] = float(self.version)
@@ -333,7 +294,10 @@ class Trainer:
                     continue
                 stopped_by_guard = response is not None and response.action == "stop"
                 if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.total_steps or stopped_by_guard:
-                    checkpoint = save(self)
+                    saved: List[str] = []
+                    if not self.survive_learner_loss(lambda: saved.append(save(self)), log):
+                        continue
+                    checkpoint = saved[0]
                 if stopped_by_guard:
                     log.message(f"stopping at step {self.step}: collapse guard triggered (checkpoint saved)")
                     break
@@ -356,16 +320,20 @@ class Trainer:
             json.dump(summary, f, indent=1)
         return summary
 
-    def train_and_publish(self, batch: Any, metrics: Dict[str, float], log: Any) -> bool:
-        """Train on the batch and broadcast the result (one unit: a re-sync for a restarted
-        generator must never send half-updated weights). False when a learner rank died and the
-        run went back to its last checkpoint instead (:mod:`dispo_ray.rollout.recovery`)."""
+    def train_and_publish(self, batch: Any, metrics: Dict[str, float]) -> None:
+        """Train on the batch and broadcast the result: one unit, so a re-sync for a restarted
+        generator never sends half-updated weights."""
+        with self._sync_lock:
+            metrics.update(self.train_on(batch))
+            metrics["timing/sync"] = self.sync_weights(self.step + 1)
+
+    def survive_learner_loss(self, work: Any, log: Any) -> bool:
+        """Run ``work()``; True if it succeeded. False when a learner rank died during it and the
+        run went back to its last checkpoint (:mod:`dispo_ray.rollout.recovery`); other errors raise."""
         from dispo_ray.rollout.recovery import dead_learner, recover_learners
 
         try:
-            with self._sync_lock:
-                metrics.update(self.train_on(batch))
-                metrics["timing/sync"] = self.sync_weights(self.step + 1)
+            work()
             return True
         except Exception as e:  # noqa: BLE001 - only a lost learner rank is recovered here
             what = dead_learner(self.learners, e)

@@ -11,10 +11,12 @@ the sum. The weight-sync group needs all of them and comes last. Phase seconds g
 """
 from __future__ import annotations
 
+import os
+import random
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 
 class StartupClock:
@@ -78,3 +80,41 @@ def start_concurrently(builders: Dict[str, Callable[[], Any]], clock: StartupClo
         order = list(builders)
         raise min(errors, key=lambda ne: order.index(ne[0]))[1]
     return {name: built[name] for name in builders}
+
+
+def cluster_address(cfg: Any) -> Optional[str]:
+    """Where Ray runs: ``cluster.address`` when set; else ``auto`` (join) when this process is a
+    Ray job's entrypoint (``ray job submit`` sets ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and points
+    ``RAY_ADDRESS`` at the cluster) or ``RAY_ADDRESS`` is set; else None (start a local Ray)."""
+    if cfg.cluster.address:
+        return cfg.cluster.address
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    return None
+
+
+def init_ray(cfg: Any) -> None:
+    import ray
+
+    if ray.is_initialized():  # e.g. a notebook or a test that started (or joined) Ray itself
+        return
+    env = {k: v for k, v in os.environ.items() if k in (
+        "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "DS_BUILD_OPS", "VLLM_CPU_KVCACHE_SPACE",
+        "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    address = cluster_address(cfg)
+    if address:  # join a running cluster (ray job submit / KubeRay); its size is the cluster's
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 2, 8),
+                 include_dashboard=cfg.cluster.include_dashboard, runtime_env={"env_vars": env},
+                 log_to_driver=False)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
