@@ -117,3 +117,19 @@ def test_weight_sync_ports_listen_on_loopback_only(sync_run):
     # the group still works over loopback
     trainer.sync_weights(1)
     assert trainer.generators.versions() == [1]
+
+
+def test_nothing_in_the_project_switches_ray_auth_off():
+    """Ray's token auth stays on: no code, Makefile target, config or deploy file sets RAY_AUTH_MODE=disabled."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = [p for d in ("dispo_ray", "actors", "conf", "deploy", "docker", "bench") for p in (repo / d).rglob("*")
+             if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".sh", ".tpl", ".json", "")]
+    files.append(repo / "Makefile")
+    assert len(files) > 20
+    off = re.compile(r"""RAY_AUTH_MODE["']?\]?\s*[:=,]\s*\{?\s*(value:\s*)?["']?disabled""")
+    hits = [str(p.relative_to(repo)) for p in files if off.search(p.read_text(errors="ignore"))]
+    assert not hits, hits
+    assert off.search('env["RAY_AUTH_MODE"] = "disabled"') and off.search("- {name: RAY_AUTH_MODE, value: disabled}")
