@@ -62,6 +62,9 @@ class GeneratorActor:
         t0 = time.perf_counter()
         self.cfg, self.index = cfg, index
         since = log_offset()
+        if int(cfg.generator.tensor_parallel_size) == 1:  # this process holds the engine's GPU itself
+            from dispo_ray.infra.devices import check_cuda_startup
+            check_cuda_startup(cfg.generator.num_gpus_per_actor, f"generator {index}")
         try:
             self.backend = make_backend(cfg, model_path, index)
         except Exception as e:  # noqa: BLE001 - re-raised with the engine's own root cause

@@ -104,6 +104,19 @@ def _slice(batch: Dict[str, torch.Tensor], lo: int, hi: int) -> Dict[str, torch.
     return {k: (v[:, :max(T, 2)] if v.dim() == 2 else v) for k, v in part.items()}
 
 
+def load_policy_model(model_path: str, dtype: str) -> torch.nn.Module:
+    """The HF causal LM in ``model.dtype``: DeepSpeed trains bf16/fp16 weights with fp32 master
+    copies made from them, so loading fp32 first only cost host memory (28 GB per rank at 7B
+    before DeepSpeed cast it down) and changed no value. Its LM head computes fp32 logits
+    (:func:`dispo_ray.algorithm.logprobs.fp32_logits_head`)."""
+    from transformers import AutoModelForCausalLM
+
+    from dispo_ray.algorithm.logprobs import fp32_logits_head
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    fp32_logits_head(lm.get_output_embeddings())
+    return lm
+
+
 def _local_param_fraction(lm: torch.nn.Module) -> float:
     """Elements this rank holds / elements of the model: 1 when loaded whole, ~1/W when built
     inside ``zero.Init`` (a ZeRO-3 parameter is an empty placeholder plus its ``ds_tensor`` shard)."""
@@ -126,8 +139,8 @@ class LearnerWorker(LearnerSyncMixin):
         # What Ray granted decides the device, never what the process sees: Ray leaves
         # CUDA_VISIBLE_DEVICES alone for a 0-GPU actor, so a CPU learner on a GPU node sees them all.
         self.cuda = uses_cuda(cfg.learner.num_gpus_per_actor)
-        if self.cuda and not torch.cuda.is_available():
-            raise RuntimeError(f"learner rank {rank}: learner.num_gpus_per_actor > 0 but CUDA is not available")
+        from dispo_ray.infra.devices import check_cuda_startup
+        check_cuda_startup(cfg.learner.num_gpus_per_actor, f"learner rank {rank}")  # one line naming the driver
         if not self.cuda:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
             torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_actor)))  # fractional actors
@@ -145,14 +158,13 @@ class LearnerWorker(LearnerSyncMixin):
         """Join the DeepSpeed world (gloo on CPU, NCCL on GPU), load the model, build the engine."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from transformers import AutoModelForCausalLM
 
         accel = get_accelerator().device_name()
         if accel != os.environ["DS_ACCELERATOR"]:
             raise RuntimeError(f"learner rank {self.rank}: DeepSpeed's accelerator is '{accel}' but this "
                                f"process has {'a GPU' if self.cuda else 'no GPU'}")
 
-        from dispo_ray.infra.devices import assigned_cuda_index, learner_world_timeout_s
+        from dispo_ray.infra.devices import assigned_cuda_index, learner_world_timeout_s, model_folder_params
         # the GPU Ray assigned (also under RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1, where
         # every rank sees every GPU); DeepSpeed puts the engine on cuda:LOCAL_RANK
         local = assigned_cuda_index() if self.cuda else self.rank
@@ -166,7 +178,10 @@ class LearnerWorker(LearnerSyncMixin):
             # inference_all_reduce (tensor-parallel inference), which training never calls.
             from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
             deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-        timeout = timedelta(seconds=learner_world_timeout_s(self.cfg.learner.sync_timeout_s))
+        # the barriers after rank 0's lone checkpoint / HF-export writes are sized by the model
+        dtype_bytes = torch.empty((), dtype=getattr(torch, self.cfg.model.dtype)).element_size()
+        timeout = timedelta(seconds=learner_world_timeout_s(
+            self.cfg.learner.sync_timeout_s, model_folder_params(self.model_path), dtype_bytes))
         torch.distributed.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
                                              rank=self.rank, world_size=self.world_size, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
@@ -180,7 +195,7 @@ class LearnerWorker(LearnerSyncMixin):
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(config)
         torch.manual_seed(self.cfg.trainer.seed)
-        lm = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        lm = load_policy_model(self.model_path, self.cfg.model.dtype)
         local_fraction = _local_param_fraction(lm)
         if l.gradient_checkpointing:  # recompute each decoder layer in backward (non-reentrant: ZeRO-3 safe)
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

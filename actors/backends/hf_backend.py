@@ -77,6 +77,25 @@ def sample_rows(logits: torch.Tensor, spec: SamplingSpec, rng: Optional[torch.Ge
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+def hf_device(num_gpus_per_actor: float) -> torch.device:
+    """The GPU Ray assigned to this actor (``ray.get_gpu_ids()`` in ``CUDA_VISIBLE_DEVICES``,
+    :func:`dispo_ray.infra.devices.actor_device`), not ``cuda.current_device()`` (always cuda:0
+    in a fresh process, which is another actor's GPU where Ray leaves every GPU visible); the CPU
+    when the pool asked for none. GPUs asked for but invisible to torch fail in one line naming
+    the NVIDIA driver, instead of generating on the CPU unnoticed."""
+    import os
+
+    from dispo_ray.infra.devices import actor_device, check_cuda_startup, uses_cuda
+
+    if not uses_cuda(num_gpus_per_actor):
+        return torch.device("cpu")
+    check_cuda_startup(num_gpus_per_actor, "the hf generator")
+    import ray
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    return actor_device(num_gpus_per_actor, gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        torch.cuda.current_device())
+
+
 class HFBackend:
     sync_ranks = 1
 
@@ -84,8 +103,7 @@ class HFBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         fix_mmap_threshold()
-        use_cuda = float(gen_cfg.num_gpus_per_actor) > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        self.device = hf_device(float(gen_cfg.num_gpus_per_actor))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()

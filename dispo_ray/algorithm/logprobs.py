@@ -6,7 +6,9 @@ the logits are ``z_n = W h_n`` and, for the target token ``y_n``,
     log p(y_n) = z_n[y_n] - logsumexp(z_n)
     H_n        = logsumexp(z_n) - sum_v softmax(z_n)_v * z_n[v]      (entropy, in nats)
 
-The rows are processed ``chunk_size`` at a time and every chunk is wrapped in activation
+The logits are computed in float32 (:func:`fp32_logits_head`): a bf16 head rounds logits of size
+16-32 to steps of 0.125, and every log-prob -- the ratios DISPO clips, the mismatch metrics -- would
+carry that rounding (up to ~0.1 nats). The rows are processed ``chunk_size`` at a time and every chunk is wrapped in activation
 checkpointing, so at most one ``[chunk_size, vocab]`` float32 logits tensor exists at any moment,
 in the forward and in the backward pass (the chunk is recomputed there; when all rows fit in one
 chunk nothing is recomputed, since keeping that one chunk is within the same bound). The gradient flows
@@ -18,10 +20,33 @@ position 0 has no prediction and gets 0.
 """
 from __future__ import annotations
 
+import types
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+
+def _fp32_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # bf16 x bf16 products are exact in float32; only float32 accumulation rounds (~1e-6 relative)
+    bias = module.bias
+    return torch.nn.functional.linear(x.float(), module.weight.float(), None if bias is None else bias.float())
+
+
+def fp32_logits_head(head: torch.nn.Module) -> torch.nn.Module:
+    """Make the LM head ``head`` (an ``nn.Linear``) compute float32 logits from its (bf16/fp16)
+    weight and the hidden states, instead of logits in the weight's dtype cast afterwards.
+
+    The module is still *called* (its ``forward`` is replaced on the instance), so DeepSpeed
+    ZeRO-3's hooks gather its weight exactly as before; called per chunk by
+    :func:`token_logprobs_from_hidden`, so one float32 copy of the weight (``vocab x hidden``; 2.2 GB
+    at Qwen2.5-7B) and one ``[chunk, vocab]`` float32 block exist at a time. The gradient reaches
+    the weight in its own dtype. A float32 head is left as it is."""
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"fp32_logits_head: expected the model's nn.Linear LM head, got {type(head).__name__}")
+    if head.weight.dtype != torch.float32:
+        head.forward = types.MethodType(_fp32_linear_forward, head)
+    return head
 
 
 def _chunk_logprob_entropy(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor,

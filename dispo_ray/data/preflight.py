@@ -6,7 +6,8 @@ Ray, the warm start or any actor starts (:func:`check_inputs`).
   named; counted instead with ``data.skip_bad_rows``);
 * the model folder (``model.path``): a ``config.json`` transformers can read, a tokenizer that
   loads and fits the embedding (``len(tokenizer) <= vocab_size``), an architecture the chosen
-  generator backend implements, and for vLLM's CPU attention a head_dim it has kernels for.
+  generator backend implements, and for vLLM's CPU attention a head_dim it has kernels for;
+* GPUs asked for on a node whose NVIDIA driver torch cannot use (:func:`check_gpu_node`).
 
 Each failure is one :class:`InputError` line naming the file, row or key; main prints it, with no
 traceback, and exits 2, as for config errors.
@@ -97,7 +98,29 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
+def check_gpu_node(cfg: Any) -> None:
+    """GPUs asked for, and this node has an NVIDIA driver (``nvidia-smi`` answers) whose GPUs
+    torch cannot see: one line naming the driver version (the CUDA 13 wheels need >= 580), before
+    any pool starts. A node without a driver (a CPU head pod) is skipped: each GPU actor checks
+    its own node at start-up (``dispo_ray.infra.devices.check_cuda_startup``). Nothing is
+    imported or run when no pool asks for GPUs."""
+    from dispo_ray.infra.devices import cuda_startup_error, nvidia_driver_version, uses_cuda
+
+    asked = max(float(cfg.learner.num_gpus_per_actor), float(cfg.generator.num_gpus_per_actor))
+    if not uses_cuda(asked):
+        return
+    driver = nvidia_driver_version()
+    if driver is None:
+        return
+    import torch
+
+    msg = cuda_startup_error(asked, torch.cuda.is_available(), driver, torch.version.cuda, "the run")
+    if msg:
+        raise InputError(msg)
+
+
 def check_inputs(cfg: Any) -> None:
     """All checks of user inputs; raises :class:`InputError` on the first problem."""
     check_data_files(cfg)
     check_model_folder(cfg)
+    check_gpu_node(cfg)

@@ -125,6 +125,16 @@ def validate(c: Any) -> None:
 
     l = c.learner
     _check(l.num_actors >= 1, "learner.num_actors", l.num_actors, ">= 1")
+    # NCCL refuses two ranks of one communicator on one GPU ("Duplicate GPU detected" at formation):
+    # the DeepSpeed world speaks NCCL whenever the learner is on GPUs, the weight sync whenever both
+    # pools are (dispo_ray.infra.devices.sync_backend)
+    _check(l.num_gpus_per_actor >= 0 and (l.num_gpus_per_actor == 0 or float(l.num_gpus_per_actor).is_integer()),
+           "learner.num_gpus_per_actor", l.num_gpus_per_actor,
+           "0 or a whole number of GPUs (NCCL refuses two learner ranks on one GPU)")
+    _check(not (l.num_gpus_per_actor > 0 and g.num_gpus_per_actor > 0) or float(g.num_gpus_per_actor).is_integer(),
+           "generator.num_gpus_per_actor", g.num_gpus_per_actor,
+           "a whole number of GPUs when learner.num_gpus_per_actor > 0 (the weight sync then speaks NCCL, "
+           "which refuses two ranks on one GPU)")
     _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", l.zero_stage, "one of 0, 1, 2, 3")
     _check(l.lr > 0, "learner.lr", l.lr, "> 0")
     _check(l.weight_decay >= 0, "learner.weight_decay", l.weight_decay, ">= 0")
