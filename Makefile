@@ -15,7 +15,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export RAY_USAGE_STATS_ENABLED=0
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean gpu-kit
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ test: install
 
 bench: install
 	$(PYTHON) -m bench.run_all $(ARGS)
+
+# The kit for a lent GPU machine without Ray/vLLM/DeepSpeed/network (tests/gpu/kit/build_kit.py):
+# run it there with the device tool, carry=["build/gpu-kit"], command `python3 tests/gpu/kit/run_kit.py --out $$OUT`.
+gpu-kit: install
+	$(PYTHON) tests/gpu/kit/build_kit.py --out build/gpu-kit
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache

@@ -25,10 +25,10 @@ pytestmark = pytest.mark.gpu
 TOL = 2e-3  # float32 on GPU: TF32 / kernel differences
 
 
-def _setup(tmp_path, backend):
+def _setup(tmp_path, backend, gpus=1):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = compose([f"model.cache_dir={tmp_path}", f"generator.backend={backend}", "generator.num_gpus_per_actor=1",
+    cfg = compose([f"model.cache_dir={tmp_path}", f"generator.backend={backend}", f"generator.num_gpus_per_actor={gpus}",
                    "generator.num_actors=1", "data.max_prompt_length=32", "generator.max_new_tokens=12",
                    "generator.gpu_memory_utilization=0.3"])
     path = build_tiny_model(cfg.model)
@@ -57,7 +57,8 @@ def _run(cfg, path, model, recs, sync_backend):
 
     t0 = time.perf_counter()
     pool = GeneratorPool(cfg, path)
-    print(f"\n{cfg.generator.backend} on GPU: start {time.perf_counter() - t0:.1f}s")
+    start_s = time.perf_counter() - t0
+    print(f"\n{cfg.generator.backend} on GPU: start {start_s:.1f}s")
     try:
         samples = pool.generate(recs, 4)
         assert [s.prompt_uid for s in samples] == [r.uid for r in recs for _ in range(4)]
@@ -82,6 +83,7 @@ def _run(cfg, path, model, recs, sync_backend):
         assert {s.version for s in samples} == {3}
         assert torch.allclose(lps, torch.full_like(lps, -math.log(len(vocab()))), atol=1e-3)
         group.close()
+        return {"start_s": start_s, "max_logprob_diff": d}
     finally:
         pool.shutdown()
 

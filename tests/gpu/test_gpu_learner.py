@@ -26,10 +26,9 @@ def _batch(n: int, prompt: int, resp: int, vocab: int, seed: int = 0):
     return collate(samples, pad_token_id=0)
 
 
-@needs_cuda
-@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, True)])
-def test_deepspeed_bf16_step_on_cuda(ray_cluster, tmp_path, stage, checkpointing):
-    """ZeRO-2, and ZeRO-3 (model built inside zero.Init) with gradient checkpointing."""
+def deepspeed_step(tmp_path, stage: int, checkpointing: bool) -> dict:
+    """Three bf16 learner steps on CUDA through LearnerGroup; returns the last step's metrics.
+    (Also run by the GPU kit, tests/gpu/kit, with its in-process Ray stand-in.)"""
     from actors.learner_group import LearnerGroup
     from dispo_ray.infra.config import compose
     cfg = compose(["learner.num_actors=1", "learner.num_gpus_per_actor=1", "learner.num_cpus_per_actor=1",
@@ -52,8 +51,16 @@ def test_deepspeed_bf16_step_on_cuda(ray_cluster, tmp_path, stage, checkpointing
         out = group.export_hf(str(tmp_path / "hf"))
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained(out)
+        return metrics[-1]
     finally:
         group.shutdown()
+
+
+@needs_cuda
+@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, True)])
+def test_deepspeed_bf16_step_on_cuda(ray_cluster, tmp_path, stage, checkpointing):
+    """ZeRO-2, and ZeRO-3 (model built inside zero.Init) with gradient checkpointing."""
+    deepspeed_step(tmp_path, stage, checkpointing)
 
 
 def _peak(fn) -> int:
@@ -66,8 +73,8 @@ def _peak(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-@needs_cuda
-def test_chunked_logprob_peak_memory_vs_full_logits():
+def logprob_peaks() -> dict:
+    """Peak GPU memory (bytes) of a fwd+bwd log-prob step, chunked LM head vs full logits."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from dispo_ray.algorithm.logprobs import causal_token_logprobs, naive_token_logprobs
@@ -97,3 +104,9 @@ def test_chunked_logprob_peak_memory_vs_full_logits():
           f"chunked {peak_chunked / 2**20:.0f} MiB vs full logits {peak_naive / 2**20:.0f} MiB "
           f"({peak_naive / max(peak_chunked, 1):.1f}x)")
     assert peak_chunked < peak_naive / 2
+    return {"chunked": peak_chunked, "naive": peak_naive}
+
+
+@needs_cuda
+def test_chunked_logprob_peak_memory_vs_full_logits():
+    logprob_peaks()
