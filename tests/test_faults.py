@@ -247,3 +247,20 @@ def test_a_learner_rank_killed_mid_run_is_rebuilt_from_the_last_checkpoint(ray_c
         assert max(trainer.gate.histogram) <= 1
     finally:
         trainer.shutdown()
+
+
+def test_when_recovery_is_impossible_one_line_names_the_rank_and_the_resume_command(tmp_path):
+    from dispo_ray.infra.failures import RunError, describe
+    from dispo_ray.rollout.recovery import recover_learners
+
+    what = "learner rank 1 (pid 4242 on 10.0.0.7) died: Worker unexpectedly exits with a connection error code 2"
+    tr = SimpleNamespace(max_learner_restarts=2, save_every=0)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(trainer=tr), step=8, run_dir=str(tmp_path), learner_restarts=2)
+    with pytest.raises(RunError) as e:
+        recover_learners(trainer, what, log=None)
+    assert describe(e.value) == str(e.value)  # printed as is, one line
+    assert str(e.value).startswith(f"{what} at step 8; trainer.max_learner_restarts=2 recoveries spent. Resume with: ")
+    assert "\n" not in str(e.value) and str(e.value).endswith("trainer.resume=true")
+    trainer.learner_restarts = 0
+    with pytest.raises(RunError, match=r"at step 8; no complete checkpoint to recover from \(trainer.save_every=0"):
+        recover_learners(trainer, what, log=None)

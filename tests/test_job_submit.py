@@ -155,8 +155,10 @@ def ray_head():
     # Ray 2.60 protects the job API with a token (on by default for local clusters): give this head
     # its own, by environment, so neither ~/.ray/auth_token nor other engineers' clusters are touched.
     token = secrets.token_hex(32)
+    # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` waits this long after SIGTERM before SIGKILL (Ray's
+    # default 3 s); the chart's head sets it too, so a graceful stop can save its checkpoint.
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_JOB_STOP_WAIT_TIME_S="60")
     env.pop("RAY_ADDRESS", None)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -277,3 +279,42 @@ def test_plain_ray_job_submit_joins_the_cluster(ray_head, tmp_path):
     assert "\r" not in logs and "step 2/2" in logs  # a job log is no TTY: plain lines, no bar
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["cluster"]["address"] is None
+
+
+@pytest.mark.slow
+def test_ray_job_stop_saves_a_checkpoint_and_says_how_to_resume(ray_head, tmp_path):
+    """`ray job stop` sends SIGTERM to the entrypoint: the driver finishes its step, saves, and
+    says in one line where the checkpoint is and how to resume (dispo_ray/infra/stop.py)."""
+    from ray.job_submission import JobStatus
+
+    from dispo_ray.infra import checkpoints
+    from test_driver_e2e import SMALL
+
+    address, client, env, _ = ray_head
+    run_dir = tmp_path / "run"
+    sub_id = f"dispo-stop-{uuid.uuid4().hex[:8]}"
+    out = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
+         "--submission-id", sub_id, "--", "python", "-m", "dispo_ray.main", *SMALL, "trainer.total_steps=500",
+         "trainer.save_every=50", f"trainer.run_dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    deadline = time.time() + JOB_TIMEOUT_S
+    metrics = run_dir / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:  # step 0 (eval) + two steps
+        assert client.get_job_status(sub_id) in (JobStatus.PENDING, JobStatus.RUNNING), \
+            client.get_job_logs(sub_id)[-3000:]
+        assert time.time() < deadline, "the job never logged two steps"
+        time.sleep(0.5)
+    stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", address, sub_id], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+    assert client.get_job_status(sub_id) == JobStatus.STOPPED
+    logs = client.get_job_logs(sub_id)
+    lines = [ln for ln in logs.splitlines() if ln.startswith(("stopped by", "error:", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM at step "), logs[-3000:]
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    newest = checkpoints.checkpoint_dir(str(run_dir), step)
+    assert f"checkpoint saved at {newest}; resume with: " in lines[0] and step >= 2
+    assert checkpoints.newest_valid(str(run_dir)) == (newest, [])
+
