@@ -582,3 +582,17 @@ def test_docker_pins_agree_with_pyproject_and_requirements():
     assert ours["rayVersion"] == declared["ray"]  # the cluster's Ray is the image's Ray
     chart_meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart_meta["appVersion"] == proj["version"] == ours["image"]["tag"]
+
+
+def test_the_head_gives_the_driver_time_to_stop_gracefully():
+    """`ray job stop` and a pod eviction send SIGTERM; the driver then saves a checkpoint
+    (dispo_ray/infra/stop.py), which needs more than Ray's 3 s and Kubernetes' 30 s default."""
+    for sets, want in (((), 600), (("head.stopGraceSeconds=1200",), 1200)):
+        tpls = pod_templates(rayjob(*sets))
+        head = tpls["head"]
+        assert head["spec"]["terminationGracePeriodSeconds"] == want
+        assert env_of(head["spec"]["containers"][0])["RAY_JOB_STOP_WAIT_TIME_S"]["value"] == str(want)
+        for name in ("generator", "learner", "reward"):
+            assert "RAY_JOB_STOP_WAIT_TIME_S" not in env_of(tpls[name]["spec"]["containers"][0]), name
+    with pytest.raises(Exception, match="stopGraceSeconds"):
+        render("head.stopGraceSeconds=1")

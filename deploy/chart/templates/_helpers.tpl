@@ -198,6 +198,10 @@ spec:
     - name: {{ . | quote }}
     {{- end }}
   {{- end }}
+  {{- if eq .component "head" }}
+  # the driver runs here: on eviction it finishes its step and saves a checkpoint (trainer.save_on_stop)
+  terminationGracePeriodSeconds: {{ $root.Values.head.stopGraceSeconds }}
+  {{- end }}
   {{- with $g.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -214,6 +218,10 @@ spec:
         {{- include "dispo-ray.containerSecurityContext" (dict "root" $root "extraCaps" (ternary (list "IPC_LOCK") list $rdma)) | nindent 8 }}
       env:
         {{- include "dispo-ray.env" $root | trim | nindent 8 }}
+        {{- if eq .component "head" }}
+        # `ray job stop` waits this long after SIGTERM before SIGKILL (Ray's default: 3 s)
+        - {name: RAY_JOB_STOP_WAIT_TIME_S, value: {{ $root.Values.head.stopGraceSeconds | quote }}}
+        {{- end }}
         {{- if .gpus }}
         {{- include "dispo-ray.ncclEnv" $root | trim | nindent 8 }}
         {{- end }}
