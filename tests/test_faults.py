@@ -264,3 +264,20 @@ def test_when_recovery_is_impossible_one_line_names_the_rank_and_the_resume_comm
     trainer.learner_restarts = 0
     with pytest.raises(RunError, match=r"at step 8; no complete checkpoint to recover from \(trainer.save_every=0"):
         recover_learners(trainer, what, log=None)
+
+
+def test_resume_with_no_valid_checkpoint_names_the_damage_in_one_line(tmp_path):
+    from dispo_ray.infra.failures import RunError
+    from dispo_ray.rollout.checkpointing import resume
+
+    trainer = SimpleNamespace(run_dir=str(tmp_path))
+    assert resume(trainer) is None  # nothing saved yet: a fresh start
+    path = _fake_checkpoint(tmp_path, 3)
+    victim = os.path.join(path, "driver_state.json")
+    os.remove(victim)
+    skipped = []
+    with pytest.raises(RunError) as e:
+        resume(trainer, skipped.append)
+    assert str(e.value) == (f"trainer.resume=true: no complete checkpoint under {tmp_path}/checkpoints; "
+                            f"newest: {victim} is missing")
+    assert skipped == [f"WARNING: skipping checkpoint step_3: {victim} is missing"]
