@@ -113,8 +113,37 @@ def load_policy_model(model_path: str, dtype: str) -> torch.nn.Module:
 
     from dispo_ray.algorithm.logprobs import fp32_logits_head
     lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    fp32_rotary_buffers(lm)
     fp32_logits_head(lm.get_output_embeddings())
     return lm
+
+
+def fp32_rotary_buffers(lm: torch.nn.Module) -> int:
+    """Rebuild rotary-embedding frequency buffers (``inv_freq``, ``original_inv_freq``) that are
+    not float32; returns how many modules it fixed.
+
+    Why: under ZeRO-3 transformers builds the model inside ``deepspeed.zero.Init``, which creates
+    every floating tensor in the DeepSpeed dtype, so with bf16 the RoPE frequencies are rounded to
+    bf16 (relative error up to 2^-9): the angle at position p is off by up to p * 0.002 rad, 2 rad at
+    p = 1000 -- the learner's log-probs of long responses drift from the generator's, which keeps
+    them in fp32. (DeepSpeed itself keeps fp32 buffers for ZeRO 0-2.) The module is rebuilt
+    outside ``zero.Init`` from its config and its buffers taken over."""
+    fixed = 0
+    for module in lm.modules():
+        inv = getattr(module, "inv_freq", None)
+        if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32 or not hasattr(module, "config"):
+            continue
+        try:
+            fresh = type(module)(module.config)
+        except TypeError as e:  # a rotary class that needs more than its config: say so, keep going
+            import warnings
+            warnings.warn(f"RoPE buffers of {type(module).__name__} stay {inv.dtype} (cannot rebuild: {e})")
+            continue
+        for name in ("inv_freq", "original_inv_freq"):
+            if isinstance(getattr(fresh, name, None), torch.Tensor):
+                setattr(module, name, getattr(fresh, name).to(device=inv.device, dtype=torch.float32))
+        fixed += 1
+    return fixed
 
 
 def _local_param_fraction(lm: torch.nn.Module) -> float:

@@ -351,3 +351,45 @@ def test_gpu_preset_is_one_place_for_gpu_defaults():
     free = int(0.15 * 80 * GiB) - GiB
     bucket = c.learner.sync_bucket_mb * MiB
     assert plan_receive("cuda", free, bucket, large_tensor_bytes(_qwen7b_manifest(), bucket)).large_on_device
+
+
+_ZERO3_BF16 = r"""
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                  DS_ACCELERATOR="cpu")
+import deepspeed
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False  # no JIT build of an op training never uses
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+from transformers.integrations import HfDeepSpeedConfig
+from actors.learner import _PolicyLogProbs, load_policy_model
+ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+att = torch.ones_like(ids)
+plain = load_policy_model(sys.argv[1], "bfloat16")
+ref, _ = _PolicyLogProbs(plain, 7)(ids, att, att)
+cfg = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2, "zero_optimization": {"stage": 3},
+       "zero_allow_untested_optimizer": True, "bf16": {"enabled": True}}
+keep = HfDeepSpeedConfig(cfg)  # as the learner does: the model is built inside zero.Init
+lm = load_policy_model(sys.argv[1], "bfloat16")
+policy = _PolicyLogProbs(lm, 7)
+engine, *_ = deepspeed.initialize(model=policy, optimizer=torch.optim.AdamW(policy.parameters()), config=cfg)
+lp, _ = engine(ids, att, att)
+rope = lm.model.rotary_emb
+print("RESULT", tuple(lm.lm_head.weight.shape), rope.inv_freq.dtype, rope.original_inv_freq.dtype,
+      torch.equal(rope.inv_freq, plain.model.rotary_emb.inv_freq), (lp - ref).abs().max().item(), sep="|")
+"""
+
+
+def test_zero3_bf16_learner_keeps_fp32_rope_and_fp32_head(bf16_folder):
+    """ZeRO-3 builds the model inside zero.Init, which made RoPE's inv_freq bf16 (angles off by
+    up to p * 0.002 rad at position p). The learner's loader rebuilds it in fp32, and the fp32 head
+    runs on the weight ZeRO-3 gathers: the log-probs equal the plain bf16 model's exactly."""
+    p = subprocess.run([sys.executable, "-c", _ZERO3_BF16, bf16_folder, str(find_free_port())], cwd=REPO,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT|"))
+    shape, inv, orig, same, diff = line.split("|")[1:]
+    assert shape == "(0,)"  # really partitioned: the head's weight is gathered on each call
+    assert (inv, orig, same) == ("torch.float32", "torch.float32", "True")
+    assert float(diff) == 0.0
+
