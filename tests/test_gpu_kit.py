@@ -356,8 +356,8 @@ def test_run_kit_runs_checks_over_gloo_through_the_standins(kit, tmp_path):
     """The kit's own path on CPU: checks (a), (d), the hf generator (GeneratorPool), (f) and (g)
     (a ZeRO-3 LearnerGroup) run as on the GPU machine (kit first on the path, Ray stand-in, vLLM
     cut, copied DeepSpeed), with gloo in place of NCCL, the CPU in place of CUDA, small payloads."""
-    only = ("a_sync_bit_exact,d_receiver_killed_mid_sync,hf_generator,f_host_staging_7b_shapes,"
-            "g_zero3_0p5b_bit_exact")
+    only = ("a_sync_bit_exact,d_receiver_killed_mid_sync,hf_generator,g_zero3_0p5b_bit_exact,"
+            "f_host_staging_7b_shapes")  # the plan's order
     r = subprocess.run([sys.executable, os.path.join(KIT_SRC, "run_kit.py"), "--kit", kit, "--device", "cpu",
                         "--small", "--only", only, "--out", str(tmp_path), "--budget", "150"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -365,8 +365,17 @@ def test_run_kit_runs_checks_over_gloo_through_the_standins(kit, tmp_path):
     lines = r.stdout.strip().splitlines()
     assert "Ray stand-in=True" in lines[0] and "vLLM cut 0.32.0" in lines[0]
     assert [ln.split()[:2] for ln in lines[1:6]] == [["PASSED", n] for n in only.split(",")]
-    assert "bit-exact" in lines[1] and "bit-exact" in lines[5] and "sync landed" in lines[3]
+    assert "bit-exact" in lines[1] and "sync landed" in lines[3] and "bit-exact" in lines[4]
+    assert "1M/host" in lines[5] and "4M/device" in lines[5]  # (f): each bucket size, both reassemblies
     res = json.load(open(tmp_path / "results.json"))
     assert res["exit"] == 0 and all(x["status"] == "PASSED" for x in res["results"])
     g = next(x for x in res["results"] if x["name"].startswith("g_"))["details"]
     assert g["params_m"] == 0 and g["bucket_mib"] > 0  # the tiny Qwen2-shaped model through ZeRO-3
+
+
+def test_run_kit_exits_1_when_every_check_skipped(kit):
+    r = subprocess.run([sys.executable, os.path.join(KIT_SRC, "run_kit.py"), "--kit", kit, "--device", "cpu",
+                        "--only", "deepspeed_zero2_bf16,chunked_logprob_memory"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 1, r.stdout + r.stderr[-2000:]
+    assert r.stdout.count("SKIPPED") == 2 and "FAILED: no check passed (2 skipped)" in r.stdout

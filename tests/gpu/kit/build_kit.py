@@ -10,7 +10,8 @@ run the weight-sync, learner and generator checks with what this kit adds to it:
                and one explicit allowance in pynccl_wrapper.py (NCCL_ALLOWANCE): NCCL 2.28.9 lacks
                ncclCommSuspend/Resume, which vLLM 0.32 binds (it needs NCCL >= 2.29.7) and without which
                it silently disables the communicator; the kit's runner turns the allowance on with
-               DISPO_KIT_ALLOW_NCCL_WITHOUT_SUSPEND=1 (the weight sync never suspends a communicator).
+               DISPO_KIT_ALLOW_NCCL_WITHOUT_SUSPEND=1 (the weight sync never suspends a communicator);
+               and TORCH_UTILS_COMPAT: a torch.compile-only registration that torch 2.11 may lack.
   py/ray/      the in-process Ray stand-in (tests/gpu/kit/standins/ray): importable only under
                DISPO_GPU_KIT=1, i.e. inside a kit run.
   py/...       pure-Python packages missing from the GPU image, copied from this venv: DeepSpeed and
@@ -89,6 +90,36 @@ _SUSPEND_BRANCH_KIT = '''                    elif func.name in ("ncclCommSuspend
 ''' % (NCCL_ALLOWANCE_FLAG, NCCL_ALLOWANCE_FLAG)
 _IMPORT_ANCHOR = "import ctypes\n"
 
+# utils/torch_utils.py registers a torch.compile opaque type at import when torch >= 2.11 (the lent
+# machine's 2.11.0 qualifies), through torch-internal APIs vLLM 0.32 uses as torch 2.13 has them.
+# Nothing in the weight sync compiles, so where 2.11 lacks them the kit carries on without it.
+TORCH_UTILS_COMPAT = [
+    ("""if HAS_OPAQUE_TYPE:
+    from torch._opaque_base import OpaqueBase
+else:
+    OpaqueBase = object  # type: ignore[misc, assignment]
+""", """if HAS_OPAQUE_TYPE:
+    try:  # GPU kit compat (tests/gpu/kit/build_kit.py): an older torch without it
+        from torch._opaque_base import OpaqueBase
+    except ImportError:
+        HAS_OPAQUE_TYPE = _USE_LAYERNAME = False
+        OpaqueBase = object  # type: ignore[misc, assignment]
+else:
+    OpaqueBase = object  # type: ignore[misc, assignment]
+"""),
+    ("""    from torch._library.opaque_object import register_opaque_type
+
+    register_opaque_type(LayerName, typ="value", hoist=True)
+""", """    try:  # GPU kit compat (tests/gpu/kit/build_kit.py): an older torch's API
+        from torch._library.opaque_object import register_opaque_type
+
+        register_opaque_type(LayerName, typ="value", hoist=True)
+    except Exception as e:  # noqa: BLE001 - only torch.compile'd custom ops use it
+        _USE_LAYERNAME = False
+        logger.warning("GPU kit: LayerName not registered as an opaque type (%s)", e)
+"""),
+]
+
 
 def _size(path: str) -> int:
     total = 0
@@ -132,7 +163,18 @@ def cut_vllm(dst: str) -> Dict[str, int]:
     text = text.replace(_IMPORT_ANCHOR, _IMPORT_ANCHOR + "import os as _kit_os  # GPU kit allowance\n", 1)
     with open(wrapper, "w") as f:
         f.write(text)
+    _patch(os.path.join(dst, "utils/torch_utils.py"), TORCH_UTILS_COMPAT)
     return {"files": len(CUT_FILES), "bytes": _size(dst)}
+
+
+def _patch(path: str, replacements: List[tuple]) -> None:
+    text = open(path).read()
+    for old, new in replacements:
+        if text.count(old) != 1:
+            raise SystemExit(f"build_kit: {path} changed: a compatibility patch no longer applies ({old[:50]!r})")
+        text = text.replace(old, new)
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def copy_packages(dst: str) -> Dict[str, Dict[str, object]]:
@@ -193,6 +235,8 @@ def build(out: str, python_version: str = "3.12", cache: str = "") -> dict:
                                                           "standins": sorted(_standins("vllm"))},
         "nccl_allowance": f"{NCCL_ALLOWANCE_FLAG}=1: vLLM's NCCLLibrary accepts a libnccl without "
                           "ncclCommSuspend/ncclCommResume (NCCL < 2.29.7)",
+        "torch_compat": "utils/torch_utils.py: the torch.compile opaque-type registration (LayerName) is "
+                        "skipped with a warning where torch lacks the API vLLM 0.32 calls",
         "ray_standin": sorted(_standins("ray")),
         "copied": copy_packages(py),
         "compiled": fetch_compiled(compiled_dir, cache, python_version),

@@ -38,6 +38,12 @@ def _require_cuda(device: str) -> None:
         raise Skip("needs a CUDA GPU")
 
 
+def _cuda_only(device: str) -> None:
+    if device != "cuda":
+        raise Skip("CUDA only (no --device cpu variant)")
+    _require_cuda(device)
+
+
 def _require_nccl(device: str) -> None:
     _require_cuda(device)
     if device == "cuda":
@@ -86,7 +92,7 @@ def check_hf_generator(device: str, small: bool) -> Tuple[str, dict]:
 
 
 def _deepspeed(stage: int, checkpointing: bool, device: str) -> Tuple[str, dict]:
-    _require_cuda(device)
+    _cuda_only(device)
     ray = _ray()
     from test_gpu_learner import deepspeed_step
     try:
@@ -105,7 +111,7 @@ def check_zero3(device: str, small: bool) -> Tuple[str, dict]:
 
 
 def check_logprob_memory(device: str, small: bool) -> Tuple[str, dict]:
-    _require_cuda(device)
+    _cuda_only(device)
     from test_gpu_learner import logprob_peaks
     r = logprob_peaks()
     return (f"peak chunked {r['chunked'] / 2**20:.0f} MiB vs full logits {r['naive'] / 2**20:.0f} MiB "
