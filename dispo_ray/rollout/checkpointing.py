@@ -35,11 +35,7 @@ def save(trainer: Any) -> str:
         trainer.guard.record_checkpoint(step)
         save_driver_state(path, trainer.driver_state(trainer.producer.cursor_before(step)))
         checkpoints.write_manifest(path, step)
-    except Exception as e:  # noqa: BLE001 - re-raised as one line, or as the learner loss it is
-        from dispo_ray.rollout.recovery import dead_learner
-
-        if dead_learner(trainer.learners, e) is not None:
-            raise
+    except Exception as e:  # noqa: BLE001 - one line (the driver first checks for a lost learner rank)
         raise checkpoints.write_failed(step, path, needed, e) from e
     mark_latest(run_dir, step)
     deleted = checkpoints.prune(run_dir, trainer.cfg.trainer.keep_checkpoints,
