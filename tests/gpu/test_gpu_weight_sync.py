@@ -153,8 +153,10 @@ def check_d(device: str = "cuda", big_mb: int = 64, timeout: float = TIMEOUT) ->
     """(d): the first receiver SIGKILLs itself mid-sync; the sender raises within its timeout; a
     group re-formed in the same sender process with a fresh receiver then syncs twice, bit-exact."""
     from dispo_ray.infra.weight_sync import find_free_port
-    out_s, out_r = _run([find_free_port(), find_free_port()], [{"die_after": 2}, {}], big_mb=big_mb,
-                        device=device, timeout=timeout)
+    ports = [find_free_port()]
+    while len(ports) < 2:  # two groups, two stores
+        ports += [p for p in [find_free_port()] if p != ports[0]]
+    out_s, out_r = _run(ports, [{"die_after": 2}, {}], big_mb=big_mb, device=device, timeout=timeout)
     failed = [o for o in out_s if o[0] == "failed"]
     assert failed and failed[0][1] == 0, out_s  # phase 0: the killed receiver
     print(f"\n(d) sender raised after {failed[0][3]:.1f}s (timeout {timeout}s): {failed[0][2][:160]}")
