@@ -9,8 +9,9 @@
     as an engine's ``load_weights`` does, and both sides' per-tensor fingerprints must agree.
 (g) a ZeRO-3 bf16 learner (``LearnerGroup``, one rank) on a Qwen2.5-0.5B-shaped model (random init
     from its config: no download) takes a training step and broadcasts to a receiver process
-    over NCCL, bucket by bucket through ``broadcast_weights`` (ZeRO-3 gathers); the received tensors
-    equal the learner's gathered state dict bit for bit.
+    over NCCL, bucket by bucket through ``broadcast_weights`` (ZeRO-3 gathers) in the GPU preset's
+    buckets (256 MiB: the 272 MB embedding arrives in pieces); the received tensors equal the
+    learner's gathered state dict bit for bit.
 
 Both use the two-processes-on-one-GPU set-up of ``test_gpu_weight_sync.py`` (distinct
 ``NCCL_HOSTID``, socket transport). ``check_f`` / ``check_g`` take the device, so the GPU kit
@@ -182,6 +183,19 @@ def _g_receiver(host, port, manifest, bucket_bytes, syncs, device, q):
         q.put(("error", f"receiver: {type(e).__name__}: {e}"))
 
 
+def _gpu_preset(group: str, key: str, default):
+    """A value of conf/preset/gpu.yaml (the GPU runs' defaults), ``default`` without the preset."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from dispo_ray.infra.config import CONF_DIR
+    path = os.path.join(CONF_DIR, "preset", "gpu.yaml")
+    if not os.path.isfile(path):
+        return default
+    return OmegaConf.select(OmegaConf.load(path), f"{group}.{key}", default=default)
+
+
 def _batch(n: int, prompt: int, resp: int, vocab: int):
     from test_gpu_learner import _batch as batch
     return batch(n, prompt, resp, vocab)
@@ -200,9 +214,12 @@ def check_g(tmp_path, device: str = "cuda", spec: dict = QWEN25_0P5B, syncs: int
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(**spec)).to(torch.bfloat16).save_pretrained(path)  # random init, no download
     gpus = 1 if device == "cuda" else 0
-    cfg = compose([f"learner.num_actors=1", f"learner.num_gpus_per_actor={gpus}", "learner.num_cpus_per_actor=1",
-                   "learner.zero_stage=3", "model.dtype=bfloat16", "learner.micro_batch_size=4",
-                   f"model.cache_dir={tmp_path}/cache"])
+    overrides = [f"learner.num_actors=1", f"learner.num_gpus_per_actor={gpus}", "learner.num_cpus_per_actor=1",
+                 "learner.zero_stage=3", "model.dtype=bfloat16", "learner.micro_batch_size=4",
+                 f"model.cache_dir={tmp_path}/cache"]
+    if device == "cuda":  # the GPU runs' bucket size (+preset=gpu), where the embedding exceeds a bucket
+        overrides.append(f"learner.sync_bucket_mb={_gpu_preset('learner', 'sync_bucket_mb', 256)}")
+    cfg = compose(overrides)
     t0 = time.perf_counter()
     group = LearnerGroup(cfg, model_path=path)
     proc = None
