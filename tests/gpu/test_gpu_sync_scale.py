@@ -14,7 +14,9 @@
     learner's gathered state dict bit for bit.
 
 Both use the two-processes-on-one-GPU set-up of ``test_gpu_weight_sync.py`` (distinct
-``NCCL_HOSTID``, socket transport). ``check_f`` / ``check_g`` take the device, so the GPU kit
+``NCCL_HOSTID``, socket transport). Under real Ray (``run.sh``) the learner of (g) is a Ray actor
+that keeps NCCL's defaults: only the receiver claims another host, which is enough on a node
+without InfiniBand (with it, export ``NCCL_IB_DISABLE=1`` before starting the run). ``check_f`` / ``check_g`` take the device, so the GPU kit
 (``tests/gpu/kit``) runs them on the lent GPU machine and its CPU test runs them small over gloo.
 """
 from __future__ import annotations
