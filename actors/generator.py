@@ -29,7 +29,7 @@ from actors.backends.base import SamplingSpec
 from dispo_ray.data.records import PromptRecord
 from dispo_ray.infra.failures import engine_root_cause, log_offset
 from dispo_ray.infra.placement import pin, wait_for_node_resource
-from dispo_ray.rollout.samples import Sample
+from dispo_ray.sample import Sample
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3

@@ -39,7 +39,7 @@ class LearnerGroup:
             if cfg.model.path is not None:
                 model_path = cfg.model.path
             else:
-                from dispo_ray.data.tiny import build_tiny_model
+                from dispo_ray.tiny.model import build_tiny_model
                 model_path = build_tiny_model(cfg.model)
         self.cfg, self.model_path, self.world_size = cfg, model_path, l.num_actors
         self.pg = None

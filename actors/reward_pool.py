@@ -1,4 +1,4 @@
-"""The reward / verifier pool: N CPU Ray actors, each owning one :class:`~dispo_ray.data.sandbox.Sandbox`.
+"""The reward / verifier pool: N CPU Ray actors, each owning one :class:`~dispo_ray.reward.sandbox.Sandbox`.
 
 :class:`RewardPool` is a plain object the driver holds (or anyone: ``RewardPool(cfg.reward,
 max_new_tokens=...)`` inside a running Ray). ``score(items)`` cuts the batch into chunks and
@@ -6,7 +6,7 @@ hands them to idle workers as they free up (so one slow chunk does not stall the
 worker verifies its chunk pipelined through its sandbox child, after looking each (answer span,
 gold text) pair up in its verdict cache: a group of G samples repeats answers constantly, and
 the span leaves out the prose, so a repeat costs a dictionary lookup. It returns one
-:class:`~dispo_ray.data.scoring.ScoreResult` per item in input order. A worker that dies
+:class:`~dispo_ray.reward.scoring.ScoreResult` per item in input order. A worker that dies
 (``RayActorError``) or stops answering is killed, replaced, and its chunk re-queued; each chunk's
 results are written exactly once, so nothing is lost or duplicated.
 
@@ -25,8 +25,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
 
 from dispo_ray.infra.placement import pin, wait_for_node_resource
-from dispo_ray.data.sandbox import Sandbox
-from dispo_ray.data.scoring import ANSWER_FORMATS, ScoreResult, finalize, prepare
+from dispo_ray.reward.sandbox import Sandbox
+from dispo_ray.reward.scoring import ANSWER_FORMATS, ScoreResult, finalize, prepare
 
 CACHE_SIZE = 65536  # verdicts kept per worker (a few MB): many steps of groups
 CACHEABLE = ("ok", "wrong", "no_answer")  # deterministic verdicts; a timeout may be load, not the answer

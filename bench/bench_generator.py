@@ -156,7 +156,7 @@ def main(quick: bool = False) -> List[dict]:
     from dispo_ray.infra.config import compose
     from dispo_ray.data.records import PromptDataset, data_files
     from dispo_ray.rollout.driver import init_ray
-    from dispo_ray.data.warmstart import warm_started_model_dir
+    from dispo_ray.tiny.warmstart import warm_started_model_dir
 
     rounds = 3 if quick else 10
     cfg = compose(["generator=vllm", "generator.num_actors=1"])

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 
 def _batch(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int = 0) -> Dict[str, torch.Tensor]:
-    from dispo_ray.rollout.samples import Sample, collate
+    from dispo_ray.rollout.samples import collate
+    from dispo_ray.sample import Sample
     g = torch.Generator().manual_seed(seed)
     samples = []
     for i in range(n):
@@ -60,7 +61,7 @@ def _measure(zero_stage: int, quick: bool, workdir: str) -> dict:
     from actors.learner import LearnerWorker
     from dispo_ray.infra.config import compose
     from dispo_ray.algorithm.losses import get_policy_loss
-    from dispo_ray.data.tiny import build_tiny_model
+    from dispo_ray.tiny.model import build_tiny_model
     from dispo_ray.infra.weight_sync import find_free_port
 
     cfg = compose(["learner.num_actors=1", f"learner.zero_stage={zero_stage}", "learner.num_cpus_per_actor=1",

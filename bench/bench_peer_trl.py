@@ -173,7 +173,7 @@ def heavy_model_dir(cache_dir: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dispo_ray.infra.config import compose
-    from dispo_ray.data.tiny import build_tiny_model
+    from dispo_ray.tiny.model import build_tiny_model
 
     out = os.path.join(os.path.expanduser(cache_dir), "bench-heavy-model-v1")
     if os.path.exists(os.path.join(out, "config.json")):
@@ -221,8 +221,8 @@ def _ratio_rows(label: str, ours: Dict[str, Any], peer: Dict[str, Any], speed_on
 
 def main(quick: bool = False) -> List[Dict]:
     from dispo_ray.infra.config import compose
-    from dispo_ray.data.tiny_task import tiny_task_files
-    from dispo_ray.data.warmstart import warm_started_model_dir
+    from dispo_ray.tiny.task import tiny_task_files
+    from dispo_ray.tiny.warmstart import warm_started_model_dir
 
     cfg = compose([])
     model_dir = warm_started_model_dir(cfg)  # built (or reused) before anything is timed

@@ -63,7 +63,7 @@ def _pair(rng: random.Random) -> Tuple[str, str]:
 def tiny_task_batch(prompts: int, group: int, seed: int) -> List[Dict[str, str]]:
     """Tiny-task groups: ``a <op> b`` with 1-2 digit operands, each sample ``\boxed{n}`` (the
     task's response format), right about half the time, else one of a few near misses."""
-    from dispo_ray.data.tiny_task import solution_text, solve
+    from dispo_ray.tiny.task import solution_text, solve
 
     rng = random.Random(seed)
     out = []

@@ -33,7 +33,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     from dispo_ray.infra.config import compose
     from dispo_ray.data.records import load_records
-    from dispo_ray.data.scoring import score_in_process
+    from dispo_ray.reward.scoring import score_in_process
 
     cfg = compose(spec.get("overrides", []))
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])

@@ -26,9 +26,9 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from dispo_ray.data.records import DataError, read_rows
-from dispo_ray.data.scoring import extract_boxed as last_boxed  # one brace-matching extractor for data and rewards
-from dispo_ray.data.scoring import extract_gsm8k as gsm8k_answer
-from dispo_ray.data.tiny_task import write_parquet
+from dispo_ray.reward.scoring import extract_boxed as last_boxed  # one brace-matching extractor for data and rewards
+from dispo_ray.reward.scoring import extract_gsm8k as gsm8k_answer
+from dispo_ray.tiny.task import write_parquet
 
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dispo_ray.algorithm.advantages import assign_advantages, group_advantages, split_informative
-from dispo_ray.rollout.samples import Sample, collate
+from dispo_ray.rollout.samples import collate
+from dispo_ray.sample import Sample
 
 
 def _s(uid, reward, prompt=(1, 2), resp=(3, 4), lps=(-0.5, -0.25)):

@@ -11,8 +11,8 @@ import pytest
 
 from dispo_ray.infra.config import compose
 from dispo_ray.data.records import DataError, PromptDataset, PromptRecord, data_files, load_records
-from dispo_ray.data.tiny import build_tiny_model
-from dispo_ray.data.tiny_task import make_problems, tiny_task_files
+from dispo_ray.tiny.model import build_tiny_model
+from dispo_ray.tiny.task import make_problems, tiny_task_files
 
 
 @pytest.fixture(scope="module")

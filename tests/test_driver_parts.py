@@ -13,7 +13,7 @@ import torch
 from dispo_ray.algorithm.collapse_guard import CollapseGuard
 from dispo_ray.infra.config import compose
 from dispo_ray.rollout.evaluation import avg_and_pass_at_k
-from dispo_ray.rollout.samples import Sample
+from dispo_ray.sample import Sample
 from dispo_ray.infra.run_state import load_driver_state, save_driver_state
 from dispo_ray.rollout.staleness import StalenessGate, StalenessViolation
 from dispo_ray.algorithm.text_metrics import is_repetitive, repetition_rate, tail_repeats

@@ -22,7 +22,7 @@ from conftest import TEST_NODE_RESOURCE, assigned_resources
 from dispo_ray.infra.config import compose
 from dispo_ray.data.records import PromptRecord
 from dispo_ray.infra.placement import PIN_AMOUNT
-from dispo_ray.data.tiny import build_tiny_model, vocab
+from dispo_ray.tiny.model import build_tiny_model, vocab
 from dispo_ray.infra.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
 
 TOL = 1e-3

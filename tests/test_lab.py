@@ -7,7 +7,7 @@ import pytest
 from dispo_ray.infra.config import ConfigError, compose
 from dispo_ray.study.verdicts import (adaptive_table, findings, guard_check, guard_table, largest_fall,
                                       replay_guard, verdict, window_extreme)
-from dispo_ray.data.tiny_task import make_problems, response_text, working_text
+from dispo_ray.tiny.task import make_problems, response_text, working_text
 
 
 def test_working_text_by_hand():
@@ -19,7 +19,7 @@ def test_working_text_by_hand():
 
 
 def test_working_responses_score_right_and_near_misses_wrong():
-    from dispo_ray.data.scoring import score_in_process
+    from dispo_ray.reward.scoring import score_in_process
 
     cfg = compose(["+preset=regime_lab"])
     rows = make_problems(cfg.data.tiny_task)["train"][:20]

@@ -17,7 +17,8 @@ from conftest import TEST_NODE_RESOURCE, assigned_resources, call_on
 from dispo_ray.infra.config import compose
 from dispo_ray.algorithm.logprobs import naive_token_logprobs
 from dispo_ray.infra.placement import PIN_AMOUNT
-from dispo_ray.rollout.samples import Sample, collate
+from dispo_ray.rollout.samples import collate
+from dispo_ray.sample import Sample
 
 STEPS, M, LR, WARMUP = 2, 2, 1e-3, 2
 OVERRIDES = ["learner.num_actors=2", "learner.micro_batch_size=1", f"learner.mini_batches={M}",
@@ -31,7 +32,7 @@ _GROUPS = {}
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    from dispo_ray.data.tiny import build_tiny_model
+    from dispo_ray.tiny.model import build_tiny_model
     cfg = compose(OVERRIDES)
     return build_tiny_model(cfg.model, str(tmp_path_factory.mktemp("tiny") / "model"))
 

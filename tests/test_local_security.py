@@ -56,7 +56,7 @@ def sync_run(ray_cluster, tmp_path_factory):
     """Pools up, listening sockets of their processes recorded, then the sync group formed."""
     from actors.generator import GeneratorPool
     from actors.learner_group import LearnerGroup
-    from dispo_ray.data.tiny import build_tiny_model
+    from dispo_ray.tiny.model import build_tiny_model
     from dispo_ray.rollout.driver import Trainer
     from dispo_ray.rollout.staleness import StalenessGate
 

@@ -22,8 +22,8 @@ import os
 import pytest
 
 from dispo_ray.infra.config import compose
-from dispo_ray.data.sandbox import Sandbox
-from dispo_ray.data.scoring import normalize_ground_truth, prepare, score_in_process
+from dispo_ray.reward.sandbox import Sandbox
+from dispo_ray.reward.scoring import normalize_ground_truth, prepare, score_in_process
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_corpus.json")
 ISSUE_CLASSES = ("multi_box_response", "multi_box_gold", "set", "interval", "relation",

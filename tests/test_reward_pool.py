@@ -16,7 +16,7 @@ import time
 import pytest
 
 from dispo_ray.infra.config import compose
-from dispo_ray.data.scoring import REASONS
+from dispo_ray.reward.scoring import REASONS
 
 MARK = "pwned-marker"
 TIMEOUT_S = 1.0
@@ -172,7 +172,7 @@ def test_dead_worker_is_replaced_and_its_chunk_rescored(pool_factory):
 
 
 def test_score_samples_fills_fields_and_rejects_bad_items(pool_factory):
-    from dispo_ray.rollout.samples import Sample
+    from dispo_ray.sample import Sample
 
     pool = pool_factory(["reward.num_workers=1", "reward.overlong_buffer=8",
                          "generator.max_new_tokens=16"])

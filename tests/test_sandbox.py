@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dispo_ray.data.sandbox import Sandbox
+from dispo_ray.reward.sandbox import Sandbox
 
 TIMEOUT_S = 1.0
 MARGIN_S = 1.0

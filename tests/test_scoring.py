@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from dispo_ray.infra.config import compose
-from dispo_ray.data.sandbox import _audit
-from dispo_ray.data.scoring import (answer_span, box_chain, extract_answer, extract_boxed, finalize,
+from dispo_ray.reward.sandbox import _audit
+from dispo_ray.reward.scoring import (answer_span, box_chain, extract_answer, extract_boxed, finalize,
                                find_boxes, normalize_ground_truth, overlong_penalty, prefilter,
                                prepare, score_in_process)
 

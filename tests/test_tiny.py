@@ -8,7 +8,7 @@ import os
 import pytest
 
 from dispo_ray.infra.config import compose
-from dispo_ray.data.tiny import BOS, EOS, PAD, build_tiny_model, tiny_config_hash, tiny_model_dir, vocab
+from dispo_ray.tiny.model import BOS, EOS, PAD, build_tiny_model, tiny_config_hash, tiny_model_dir, vocab
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_build_is_seeded_cached_and_keyed_by_config(tiny_dir, model_cfg, tmp_pat
 
 
 def test_warmstart_batch_masks_prompt_tokens():
-    from dispo_ray.data.warmstart import _batch
+    from dispo_ray.tiny.warmstart import _batch
 
     ids, mask, labels = _batch([([1, 5, 6], [7, 2]), ([1, 8], [9, 10, 2])], pad_id=0)
     assert ids.tolist() == [[1, 5, 6, 7, 2], [1, 8, 9, 10, 2]]
@@ -96,8 +96,8 @@ def test_warm_start_learns_stays_imperfect_and_is_cached(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dispo_ray.data.tiny_task import make_problems
-    from dispo_ray.data.warmstart import greedy_accuracy, warm_started_model_dir, warmstart_info
+    from dispo_ray.tiny.task import make_problems
+    from dispo_ray.tiny.warmstart import greedy_accuracy, warm_started_model_dir, warmstart_info
 
     cfg = compose([f"model.cache_dir={tmp_path}", "model.warmstart.steps=150", "model.warmstart.batch_size=32",
                    "model.warmstart.target_accuracy=0"])  # a fixed step count
@@ -116,7 +116,7 @@ def test_warm_start_learns_stays_imperfect_and_is_cached(tmp_path):
     t0 = time.perf_counter()
     assert warm_started_model_dir(cfg) == path and time.perf_counter() - t0 < min(1.0, built_s / 5)
     longer = compose([f"model.cache_dir={tmp_path}", "model.warmstart.steps=151"])
-    from dispo_ray.data.warmstart import warmstart_dir
+    from dispo_ray.tiny.warmstart import warmstart_dir
     assert warmstart_dir(longer) != path
     assert warm_started_model_dir(compose([f"model.path={path}"])) == path  # a user's model is used as is
 
@@ -125,8 +125,8 @@ def test_warm_start_stops_at_the_dev_slice_target(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dispo_ray.data.tiny_task import make_problems
-    from dispo_ray.data.warmstart import greedy_accuracy, warm_started_model_dir, warmstart_info
+    from dispo_ray.tiny.task import make_problems
+    from dispo_ray.tiny.warmstart import greedy_accuracy, warm_started_model_dir, warmstart_info
 
     cfg = compose([f"model.cache_dir={tmp_path}", "model.warmstart.steps=2000", "model.warmstart.batch_size=32",
                    "model.warmstart.target_accuracy=0.05", "model.warmstart.check_every=25",

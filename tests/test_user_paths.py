@@ -113,7 +113,7 @@ def test_hf_backend_logprobs_match_a_forward_pass_on_the_qwen_folder():
 
 # ------------------------------------------------------------------ bad inputs: one line each
 def _bad_parquet(tmp_path, rows, name):
-    from dispo_ray.data.tiny_task import write_parquet
+    from dispo_ray.tiny.task import write_parquet
     path = tmp_path / name
     write_parquet(rows, str(path))
     return str(path)

@@ -16,7 +16,7 @@ def test_sync_behind_a_generation_longer_than_the_sync_timeout(ray_cluster, tmp_
     # of several seconds, the sync must wait for it (no deadline) and then succeed.
     import ray
 
-    from dispo_ray.data.tiny import build_tiny_model
+    from dispo_ray.tiny.model import build_tiny_model
     cfg = compose(["generator.backend=hf", f"model.cache_dir={tmp_path}", "learner.sync_timeout_s=1",
                    "trainer.max_staleness=1", "learner.num_actors=1", "generator.num_actors=1",
                    "learner.sync_bucket_mb=1"])

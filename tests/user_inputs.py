@@ -80,7 +80,7 @@ def _problems(n: int, offset: int = 0) -> List[tuple]:
 
 def verl_chat_parquet(path: str, n: int = 32) -> str:
     """verl's layout: ``prompt`` = [system, user] messages, ``reward_model.ground_truth``."""
-    from dispo_ray.data.tiny_task import write_parquet
+    from dispo_ray.tiny.task import write_parquet
 
     rows = [{"data_source": "user/arith",
              "prompt": [{"role": "system", "content": "You are a careful assistant."},

@@ -4,7 +4,7 @@ Only engine calls live here. Prompts go in as token ids (``TokensPrompt``), so t
 exactly the ids the data loader produced. ``logprobs_mode="processed_logprobs"`` with
 ``logprobs=0`` returns the sampled token's log-prob under the temperature/top-p distribution it
 was drawn from (see ``actors.backends.base``). Weight updates run inside the engine's workers
-through ``actors.vllm_worker_ext`` (``worker_extension_cls``), without restarting the engine.
+through ``actors.backends.vllm_worker_ext`` (``worker_extension_cls``), without restarting the engine.
 Tensor parallelism uses vLLM's own executor; with ``tensor_parallel_size > 1`` it is the Ray
 executor, which places its workers in the placement group the actor was scheduled into.
 
@@ -33,7 +33,7 @@ from typing import Any, List, Sequence
 
 from actors.backends.base import Completion, SamplingSpec, manifest_to_wire
 
-EXTENSION = "actors.vllm_worker_ext.WeightSyncWorkerExtension"
+EXTENSION = "actors.backends.vllm_worker_ext.WeightSyncWorkerExtension"
 CPU_MIN_BATCHED_TOKENS = 4096  # vLLM's own default budget on CPU
 
 
@@ -59,10 +59,10 @@ class VLLMBackend:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         from vllm import LLM
 
-        from actors.vllm_worker_ext import CPU_PLAIN_LOAD_FORMAT
+        from actors.backends.vllm_worker_ext import CPU_PLAIN_LOAD_FORMAT
 
         tp = int(gen_cfg.tensor_parallel_size)
-        # CPU: keep linear weights plain so a sync is a cheap in-place load (actors.vllm_worker_ext)
+        # CPU: keep linear weights plain so a sync is a cheap in-place load (actors.backends.vllm_worker_ext)
         cpu_plain = current_platform.is_cpu() and not bool(gen_cfg.cpu_packed_weights)
         scheduler = cpu_scheduler_args(max_model_len) if current_platform.is_cpu() else {}
         self.weight_update = "not connected"  # how a sync loads: load_weights | reload_weights

@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from dispo_ray.rollout.samples import Sample
+from dispo_ray.sample import Sample
 
 
 def group_advantages(rewards: torch.Tensor, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:

@@ -245,7 +245,7 @@ def data_files(cfg: Any) -> Tuple[List[str], List[str]]:
     """``(train_files, val_files)`` from ``cfg.data``; the tiny task's parquet when train_files is empty."""
     train, val = list(cfg.data.train_files), list(cfg.data.val_files)
     if not train:
-        from dispo_ray.data.tiny_task import tiny_task_files
+        from dispo_ray.tiny.task import tiny_task_files
         t, v = tiny_task_files(cfg)
         train, val = [t], (val or [v])
     return train, val

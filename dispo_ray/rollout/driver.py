@@ -56,7 +56,7 @@ class Trainer:
         from actors.reward_pool import RewardPool
         from dispo_ray.data.records import PromptDataset, data_files
         from dispo_ray.rollout.staleness import StalenessGate
-        from dispo_ray.data.warmstart import warm_started_model_dir
+        from dispo_ray.tiny.warmstart import warm_started_model_dir
         from transformers import AutoTokenizer
 
         self.cfg, tr = cfg, cfg.trainer

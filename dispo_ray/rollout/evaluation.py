@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 from dispo_ray.algorithm.advantages import group_by_prompt
-from dispo_ray.rollout.samples import Sample
+from dispo_ray.sample import Sample
 
 
 def avg_and_pass_at_k(samples: Sequence[Sample], prefix: str = "eval") -> Dict[str, float]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from dispo_ray.algorithm.advantages import group_by_prompt, is_informative
-from dispo_ray.rollout.samples import Sample
+from dispo_ray.sample import Sample
 from dispo_ray.rollout.staleness import StalenessGate
 
 

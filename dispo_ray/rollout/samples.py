@@ -1,47 +1,15 @@
-"""Rollout records: the one data contract between generator, reward pool, driver and learner.
-
-A :class:`Sample` is one response to one prompt. The generator fills the token fields and the
-behaviour log-probs (log pi_behaviour of each sampled token) and tags the weight ``version`` that
-sampled it; the reward pool fills ``reward``/``correct``/``reason``; the driver fills
-``advantage``. :func:`collate` turns a list of samples into right-padded ``[batch, seq]`` tensors
-in which position ``t`` holds the value for token ``t`` of ``input_ids`` (so
-``old_log_probs[b, t] = log pi_behaviour(input_ids[b, t] | input_ids[b, :t])`` on response
-positions, and ``response_mask[b, t] = 1`` exactly there).
+"""The learner's batch: :func:`collate` turns a list of :class:`~dispo_ray.sample.Sample` into
+right-padded ``[batch, seq]`` tensors in which position ``t`` holds the value for token ``t`` of
+``input_ids`` (so ``old_log_probs[b, t] = log pi_behaviour(input_ids[b, t] | input_ids[b, :t])`` on
+response positions, and ``response_mask[b, t] = 1`` exactly there).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
-
-@dataclass
-class Sample:
-    prompt_uid: str  # stable id of the prompt (dataset row); the G samples of a group share it
-    prompt_token_ids: List[int]
-    response_token_ids: List[int]
-    response_logprobs: List[float]  # behaviour log-prob of each sampled token
-    version: int  # weight version of the policy that sampled it
-    finish_reason: str = "stop"  # "stop" | "length"
-    response_text: str = ""
-    ground_truth: str = ""
-    data_source: str = ""
-    reward: float = 0.0
-    correct: bool = False
-    reason: str = ""
-    advantage: float = 0.0
-    extra: Dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if len(self.response_token_ids) != len(self.response_logprobs):
-            raise ValueError(
-                f"sample {self.prompt_uid}: {len(self.response_token_ids)} response tokens but "
-                f"{len(self.response_logprobs)} log-probs")
-
-    @property
-    def response_length(self) -> int:
-        return len(self.response_token_ids)
+from dispo_ray.sample import Sample
 
 
 def collate(samples: List[Sample], pad_token_id: int, pad_to: Optional[int] = None) -> Dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from dispo_ray.study.verdicts import adaptive_table, findings, guard_table, markdown
+from dispo_ray.study.verdicts import LAB_PRESET, adaptive_table, findings, guard_table, markdown, series
 from dispo_ray.algorithm.losses import REGIMES
 
 
@@ -18,9 +18,8 @@ def _load(out: str, names: Sequence[str], seeds: Sequence[int]) -> Dict[Tuple[st
 
 
 def _mean_curve(runs, name: str, seeds: Sequence[int], key: str):
-    from dispo_ray.study.runner import _series
 
-    curves = [dict(_series(runs[(name, s)], key)) for s in seeds if (name, s) in runs]
+    curves = [dict(series(runs[(name, s)], key)) for s in seeds if (name, s) in runs]
     xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     return xs, [sum(c[x] for c in curves) / len(curves) for x in xs]
 
@@ -63,7 +62,6 @@ def lab_outputs(out: str, names: Sequence[str], seeds: Sequence[int]) -> str:
     _grid(runs, names, seeds, [("actor/ratio_max", "max ratio"), ("actor/ratio_mean", "mean ratio")],
           os.path.join(out, "ratio_spread.png"), "importance ratio pi_theta / pi_behaviour in the loss")
     from dispo_ray.infra.config import compose
-    from dispo_ray.study.runner import LAB_PRESET
 
     guard_cfg = compose([LAB_PRESET]).trainer.collapse_guard  # today's guard, replayed on every run
     text = markdown(findings(runs), guard_table(runs, guard_cfg), adaptive_table(runs))

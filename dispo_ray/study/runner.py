@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from dispo_ray.study.verdicts import LAB_PRESET, series
+
 VARIANTS: Dict[str, List[str]] = {
     "dispo": ["algorithm=dispo"],
     "cispo": ["algorithm=cispo"],
@@ -49,7 +51,6 @@ VARIANTS: Dict[str, List[str]] = {
 }
 LAB_VARIANTS = ["dispo", "cispo", "dapo", "dispo_tight_high_pos", "dispo_tight_low_pos", "dispo_tight_high_neg",
                 "dispo_tight_low_neg"]
-LAB_PRESET = "+preset=regime_lab"
 COMMON = ["generator=hf", "learner.mini_batches=4", "trainer.progress_bar=false", "trainer.tensorboard=false",
           "trainer.eval_max_prompts=100", "trainer.collapse_guard.action=warn"]
 CURVES = (("eval/accuracy", "held-out accuracy (avg@k)"), ("actor/entropy", "mean token entropy"),
@@ -80,16 +81,6 @@ def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str],
     return run_dir
 
 
-def _series(rows: List[dict], key: str) -> List[tuple]:
-    """(updates done, value): the initial evaluation is at 0, the i-th training step at i."""
-    out, updates = [], 0
-    for r in rows:
-        updates += "rollout/samples" in r
-        if isinstance(r.get(key), (int, float)):
-            out.append((updates, r[key]))
-    return out
-
-
 def _mean_sd(xs: List[float]) -> str:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
@@ -114,7 +105,7 @@ def summarize(out: str, names: Sequence[str], seeds: Sequence[int], target_gain:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
         for ax, (panel, members) in zip(axes, panels):
             for i, n in enumerate(members):
-                curves = [dict(_series(runs[(n, s)], key)) for s in seeds if (n, s) in runs]
+                curves = [dict(series(runs[(n, s)], key)) for s in seeds if (n, s) in runs]
                 xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
                 if not xs:
                     continue
@@ -137,7 +128,7 @@ def summarize(out: str, names: Sequence[str], seeds: Sequence[int], target_gain:
             rows = runs.get((n, s))
             if not rows:
                 continue
-            acc = _series(rows, "eval/accuracy")
+            acc = series(rows, "eval/accuracy")
             init.append(acc[0][1])
             final.append(acc[-1][1])
             hit = [st for st, a in acc if a >= acc[0][1] + target_gain]

@@ -27,6 +27,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 Rows = List[dict]
 FALL = 0.10
+LAB_PRESET = "+preset=regime_lab"  # the lab's config (conf/preset/regime_lab.yaml)
+
+
+def series(rows: Rows, key: str) -> List[tuple]:
+    """(updates done, value): the initial evaluation is at 0, the i-th training step at i."""
+    out, updates = [], 0
+    for r in rows:
+        updates += "rollout/samples" in r
+        if isinstance(r.get(key), (int, float)):
+            out.append((updates, r[key]))
+    return out
 
 
 def _train_rows(rows: Rows) -> Rows:

@@ -17,7 +17,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _batch(n: int, prompt: int, resp: int, vocab: int, seed: int = 0):
-    from dispo_ray.rollout.samples import Sample, collate
+    from dispo_ray.rollout.samples import collate
+    from dispo_ray.sample import Sample
     g = torch.Generator().manual_seed(seed)
     samples = [Sample(str(i), torch.randint(4, vocab, (prompt,), generator=g).tolist(),
                       torch.randint(4, vocab, (resp,), generator=g).tolist(),

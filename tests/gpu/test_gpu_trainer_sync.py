@@ -35,7 +35,7 @@ def test_trainer_sync_over_nccl_in_bf16_matches_learner_logprobs(ray_cluster, tm
 
     from dispo_ray.infra.devices import sync_backend
     from dispo_ray.rollout.samples import collate
-    from dispo_ray.data.tiny import build_tiny_model
+    from dispo_ray.tiny.model import build_tiny_model
     from sync_trainer import records, sync_trainer
     from test_gpu_learner import _batch
 

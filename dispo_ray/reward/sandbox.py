@@ -8,7 +8,7 @@ plus an interpreter start.
 
 Why ``subprocess`` + :class:`multiprocessing.connection.Connection` rather than
 ``multiprocessing.Process(spawn)``: inside a Ray worker, ``spawn`` re-runs the worker's
-``__main__`` script in the child; a fresh ``python -m dispo_ray.data.sandbox`` has a clean, known
+``__main__`` script in the child; a fresh ``python -m dispo_ray.reward.sandbox`` has a clean, known
 start-up, its own session (so ``killpg`` reaches anything it started), a clean environment and
 a private scratch cwd.
 
@@ -30,9 +30,9 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-from dispo_ray.data.scoring import ANSWER_FORMATS
+from dispo_ray.reward.scoring import ANSWER_FORMATS
 
-# the directory holding dispo_ray/ (this file is dispo_ray/data/sandbox.py): the child's PYTHONPATH
+# the directory holding dispo_ray/ (this file is dispo_ray/reward/sandbox.py): the child's PYTHONPATH
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT_S = 120.0  # a child must be ready within this (2 busy shared cores: be generous)
 # Jobs queued in the child's stdin pipe (64 KiB on Linux) stay well below its size, so a send
@@ -53,7 +53,7 @@ class _Child:
         env.update(PYTHONPATH=_PKG_ROOT, PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0",
                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispo_ray.data.sandbox", str(int(memory_mb)), repr(soft_timeout_s),
+            [sys.executable, "-m", "dispo_ray.reward.sandbox", str(int(memory_mb)), repr(soft_timeout_s),
              answer_format],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             cwd=self.workdir, env=env, close_fds=True, start_new_session=True)
@@ -104,7 +104,7 @@ class Sandbox:
     (and ``no_answer`` with ``answer_format="any"``: math-verify extracted nothing); it never
     raises for bad input and never waits much past ``timeout_s``. The answer is an answer span
     (or a bare answer) with ``answer_format="boxed"``, a whole response with ``"any"``; the
-    ground truth a gold text (:func:`dispo_ray.data.scoring.normalize_ground_truth`).
+    ground truth a gold text (:func:`dispo_ray.reward.scoring.normalize_ground_truth`).
     """
 
     def __init__(self, timeout_s: float, memory_mb: int, spare: bool = True,
@@ -298,7 +298,7 @@ def _child_main(memory_mb: int, soft_timeout_s: float, answer_format: str) -> No
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
     except Exception:
         pass
-    from dispo_ray.data.scoring import verify_answer
+    from dispo_ray.reward.scoring import verify_answer
 
     # warm: pull in every lazy import (both extraction paths) before locking down
     verify_answer("\\frac{1}{2}", "$0.5$", answer_format)

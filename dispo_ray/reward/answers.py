@@ -1,5 +1,5 @@
 """Answer extraction from model output and ground truths: linear-time string work, safe on any
-input (no sympy, no math-verify). :mod:`dispo_ray.data.scoring` builds on it.
+input (no sympy, no math-verify). :mod:`dispo_ray.reward.scoring` builds on it.
 
 The boxes of a response are read the way math-verify reads them (its ``extract_boxed_content``
 with ``mode="last"``): the last box and the boxes chained to it. :func:`answer_span` cuts out the

@@ -2,7 +2,7 @@
 math-verify comparison and the reward formula. No Ray, no processes.
 
 The pipeline is split so that only :func:`verify_answer` ever hands untrusted text to sympy /
-math-verify; the reward pool runs that one step inside :mod:`dispo_ray.data.sandbox` (a child process
+math-verify; the reward pool runs that one step inside :mod:`dispo_ray.reward.sandbox` (a child process
 killed at a deadline). Everything else here is linear-time string work that is safe on any input.
 
 What is compared (``reward.answer_format``):
@@ -38,7 +38,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from dispo_ray.data.answers import (answer_span, box_chain, extract_answer, extract_boxed,  # noqa: F401
+from dispo_ray.reward.answers import (answer_span, box_chain, extract_answer, extract_boxed,  # noqa: F401
                                extract_gsm8k, find_boxes, is_gsm8k, normalize_ground_truth, shown_answer)
 
 REASONS = ("ok", "no_answer", "wrong", "timeout", "crashed", "too_long")

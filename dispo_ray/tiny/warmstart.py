@@ -32,8 +32,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from dispo_ray.data.tiny import build_tiny_model, tiny_config_hash
-from dispo_ray.data.tiny_task import _task_hash, make_problems, prompt_text, response_text
+from dispo_ray.tiny.model import build_tiny_model, tiny_config_hash
+from dispo_ray.tiny.task import _task_hash, make_problems, prompt_text, response_text
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: stops at a dev-slice target accuracy
