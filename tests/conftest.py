@@ -3,8 +3,12 @@ and the environment every test needs (offline hub, CPU DeepSpeed, small vLLM KV 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+# Helpers shared by the test folders (tests/support/): the small real run, user-like inputs.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
 
 TEST_NODE_RESOURCE = "dispo_test_group"  # what a KubeRay worker group advertises (see dispo_ray/infra/placement.py)
 

@@ -16,7 +16,7 @@ import pytest
 
 from dispo_ray.infra import checkpoints
 from dispo_ray.infra.run_state import checkpoint_dir, mark_latest
-from test_driver_e2e import REPO, SMALL, _train_steps
+from runs import REPO, SMALL, train_steps
 
 
 # ---------------------------------------------------------------- checkpoint rules, by hand
@@ -163,7 +163,7 @@ def test_sigterm_saves_exits_143_keeps_two_and_a_damaged_newest_is_skipped(tmp_p
     assert p.returncode == 0, err[-3000:]
     assert f"WARNING: skipping checkpoint step_{step}: {victim} has" in out
     assert f"resumed from step {step - 1}" in out
-    assert [m["step"] for m in _train_steps(run_dir)] == list(range(1, step + 2))
+    assert [m["step"] for m in train_steps(run_dir)] == list(range(1, step + 2))
     assert checkpoints.steps(run_dir) == [step, step + 1]
     assert all(checkpoints.problem(checkpoint_dir(run_dir, s)) is None for s in (step, step + 1))
     # the finished run leaves its policy as an HF folder that transformers loads
@@ -175,7 +175,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     run_dir = str(tmp_path / "run")
     p = _launch(run_dir, "trainer.total_steps=400", "trainer.save_every=50")
     deadline = time.monotonic() + 300
-    while not os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or len(_train_steps(run_dir)) < 2:
+    while not os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or len(train_steps(run_dir)) < 2:
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
@@ -242,7 +242,7 @@ def test_a_learner_rank_killed_mid_run_is_rebuilt_from_the_last_checkpoint(ray_c
         assert 0 < event["failed_at_step"] - event["restored_step"] <= cfg.trainer.save_every
         assert summary["steps"] == 6 and summary["version"] == 6
         # each step logged once, every one trained; the generators hold the final weights
-        assert [m["step"] for m in _train_steps(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+        assert [m["step"] for m in train_steps(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
         assert trainer.generators.versions() == [6]
         assert max(trainer.gate.histogram) <= 1
     finally:

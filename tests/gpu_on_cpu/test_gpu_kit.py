@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KIT_SRC = os.path.join(ROOT, "tests", "gpu", "kit")
 RUN_SH = os.path.join(ROOT, "tests", "gpu", "run.sh")
 

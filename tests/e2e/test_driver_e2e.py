@@ -15,12 +15,7 @@ import time
 import pytest
 
 from dispo_ray.infra.config import compose
-from dispo_ray.infra.metrics_log import read_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["generator=hf", "generator.max_new_tokens=16", "trainer.prompts_per_step=4", "algorithm.group_size=4",
-         "trainer.eval_every=0", "trainer.eval_max_prompts=16", "trainer.eval_k=2", "trainer.progress_bar=false",
-         "trainer.tensorboard=false", "reward.num_workers=1", "learner.micro_batch_size=8"]
+from runs import REPO, SMALL, train_steps
 
 
 def _fit(overrides):
@@ -33,15 +28,12 @@ def _fit(overrides):
         trainer.shutdown()
 
 
-def _train_steps(run_dir):
-    return [m for m in read_metrics(run_dir) if "rollout/samples" in m]  # step 0 is the initial eval
-
 
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_staleness_bound_holds_on_every_trained_sample(ray_cluster, tmp_path, k):
     trainer, summary = _fit([f"trainer.max_staleness={k}", "trainer.total_steps=5", f"trainer.run_dir={tmp_path}",
                              "learner.mini_batches=1"])
-    steps = _train_steps(str(tmp_path))
+    steps = train_steps(str(tmp_path))
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5] and summary["version"] == 5
     t = summary["startup_seconds"]  # every start-up phase timed; the pools overlap
     assert set(t) == {"warm_start", "data", "ray", "rewards", "generators", "learners", "pools_concurrent",
@@ -90,7 +82,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     out = p.communicate(timeout=600)[0]
     assert p.returncode == 0, out[-3000:]
     assert "resumed from step 2" in out
-    a, b = _train_steps(str(straight)), _train_steps(str(broken))
+    a, b = train_steps(str(straight)), train_steps(str(broken))
     assert [m["step"] for m in b] == [1, 2, 3, 4]  # lines of the killed run after step 2 were dropped
     for sa, sb in zip(a[2:], b[2:]):
         assert _deterministic(sa) == _deterministic(sb)
@@ -125,7 +117,7 @@ def test_generator_and_reward_worker_killed_mid_run(ray_cluster, tmp_path):
         t.join(timeout=60)
         assert set(killed) == {"generator_at_step", "reward_at_step"}
         assert trainer.generators.reissued > 0  # the kill hit a rollout in flight
-        steps = _train_steps(str(tmp_path))
+        steps = train_steps(str(tmp_path))
         assert summary["steps"] == 6 and len(steps) == 6
         G = cfg.algorithm.group_size
         for m in steps:  # every drawn prompt came back exactly G times: none lost, none duplicated

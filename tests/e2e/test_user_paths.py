@@ -25,7 +25,7 @@ import torch
 
 from user_inputs import gsm8k_jsonl, math_jsonl, qwen_model_dir, verl_chat_parquet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL_RUN = ["trainer.total_steps=2", "trainer.prompts_per_step=4", "generator.max_new_tokens=12",
              "trainer.eval_max_prompts=6", "trainer.eval_k=2", "trainer.eval_every=0",
              "algorithm.dynamic_sampling=false", "trainer.tensorboard=false"]

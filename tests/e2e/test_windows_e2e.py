@@ -11,7 +11,7 @@ from conftest import call_on
 from dispo_ray.rollout import driver
 from dispo_ray.infra.config import compose
 from dispo_ray.infra.metrics_log import read_metrics
-from test_driver_e2e import SMALL, _train_steps
+from runs import SMALL, train_steps
 
 
 def _learner_windows(trainer):
@@ -52,7 +52,7 @@ def test_rollback_restores_widens_and_trains_on(ray_cluster, tmp_path, monkeypat
     assert json.loads((tmp_path / "summary.json").read_text())["collapse_events"] == [
         {"step": 5, "signal": "repetition", "metric": "rollout/repetition", "value": 1.0, "action": "rollback",
          "restored_step": 1, "window": "eps_high_neg", "old": 100.0, "new": 201.0}]
-    steps = _train_steps(str(tmp_path))
+    steps = train_steps(str(tmp_path))
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 2, 3, 4, 5, 6]  # the abandoned branch stays logged
     assert [m["windows/eps_high_neg"] for m in steps] == [100.0] * 5 + [201.0] * 5
     assert [m["collapse/rollbacks"] for m in steps] == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
@@ -83,7 +83,7 @@ def test_adaptive_windows_move_every_step_and_resume_with_them(ray_cluster, tmp_
             windows = _learner_windows(trainer)[0]
         finally:
             trainer.shutdown()
-    steps = _train_steps(str(tmp_path))
+    steps = train_steps(str(tmp_path))
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert [m["windows/eps_low_neg"] for m in steps] == pytest.approx([0.2, 0.6, 0.8, 0.9])
     assert [m["windows/eps_high_neg"] for m in steps] == [100.0] * 4

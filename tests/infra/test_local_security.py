@@ -124,7 +124,7 @@ def test_nothing_in_the_project_switches_ray_auth_off():
     import re
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     files = [p for d in ("dispo_ray", "actors", "conf", "deploy", "docker", "bench") for p in (repo / d).rglob("*")
              if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".sh", ".tpl", ".json", "")]
     files.append(repo / "Makefile")

@@ -19,7 +19,7 @@ from dispo_ray.infra.weight_sync import (RECV_AHEAD, ParamSpec, ReceivePlan, Wei
                                          find_free_port, large_tensor_bytes, make_manifest, max_bucket_bytes,
                                          plan_receive, receive_weights, send_weights)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CTX = mp.get_context("spawn")
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -157,7 +157,10 @@ def _staging_receiver(port, q):
         for mode in ("staged", "staged", "owned", "device"):
             plan = ReceivePlan(True, 0) if mode == "device" else None  # None: planned from the group (host)
             version, it = receive_weights(group, specs, 4096, plan=plan, owned=mode == "owned")
-            got = {name: (t.data_ptr(), t.clone()) for name, t in it}
+            got, alive = {}, []
+            for name, t in it:  # cloned before the next one arrives (staged: the same buffer again)
+                alive.append(t)  # kept alive, so freed copies cannot lend their address to the next
+                got[name] = (t.data_ptr(), t.clone())
             host = group._staging.get("host")
             _put(q, (mode, version, got, None if host is None else (host.data_ptr(), host.numel()),
                      sorted(k for k in group._staging)))

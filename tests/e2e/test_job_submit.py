@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUNTIME_ENV = REPO / "deploy" / "runtime_env.yaml"
 SUBMIT = REPO / "deploy" / "submit.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -77,7 +77,7 @@ def test_excludes_drop_heavy_files_and_keep_code(tmp_path):
     heavy = [".venv/lib/torch.so", ".git/objects/pack/p.pack", "runs/r1/checkpoints/step_2/model.safetensors",
              "outputs/x.log", "data/train.parquet", "ckpt/optim.pt", "dispo_ray/__pycache__/m.cpython-311.pyc",
              "wandb/run-1/files/out.bin", "runs2/events.out.tfevents.123.host", "build/gpu-kit/py/torch_ext.so",
-             "tests/schemas/kuberay-v1.7.0-ray.io_rayjobs.yaml"]
+             "tests/deploy/schemas/kuberay-v1.7.0-ray.io_rayjobs.yaml"]
     light = ["dispo_ray/main.py", "actors/generator.py", "conf/config.yaml", "deploy/submit.sh", "tests/test_x.py"]
     for rel in heavy + light:
         p = root / rel
@@ -288,7 +288,7 @@ def test_ray_job_stop_saves_a_checkpoint_and_says_how_to_resume(ray_head, tmp_pa
     from ray.job_submission import JobStatus
 
     from dispo_ray.infra import checkpoints
-    from test_driver_e2e import SMALL
+    from runs import SMALL
 
     address, client, env, _ = ray_head
     run_dir = tmp_path / "run"

@@ -10,7 +10,7 @@ import pytest
 
 from dispo_ray.infra.config import ConfigError, compose
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("name,expect", [

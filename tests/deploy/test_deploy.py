@@ -1,6 +1,6 @@
 """Cluster deployment artefacts, checked offline: our Helm chart rendered by the real Helm engine
 (helm-python-sdk); the rendered RayJob against KubeRay's published CRD (v1.7.0) and the NetworkPolicies
-and Secret against Kubernetes' published OpenAPI definitions (both vendored in tests/schemas, made
+and Secret against Kubernetes' published OpenAPI definitions (both vendored in tests/deploy/schemas, made
 strict as kubeconform does); Ray token auth, the NetworkPolicy, the GPU preset and the NCCL modes; the
 values for KubeRay's ray-cluster chart; the Dockerfiles (hadolint + pins that agree with pyproject.toml)."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "chart"
 SCHEMAS = Path(__file__).parent / "schemas"
 CLIP = {"epsLowPos": "eps_low_pos", "epsHighPos": "eps_high_pos", "epsLowNeg": "eps_low_neg", "epsHighNeg": "eps_high_neg"}

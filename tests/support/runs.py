@@ -1,0 +1,16 @@
+"""What the end-to-end tests share: the small real run (hf generator, 4 prompts x 4 samples,
+16-token answers) and reading its trained steps back."""
+from __future__ import annotations
+
+import os
+
+from dispo_ray.infra.metrics_log import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = ["generator=hf", "generator.max_new_tokens=16", "trainer.prompts_per_step=4", "algorithm.group_size=4",
+         "trainer.eval_every=0", "trainer.eval_max_prompts=16", "trainer.eval_k=2", "trainer.progress_bar=false",
+         "trainer.tensorboard=false", "reward.num_workers=1", "learner.micro_batch_size=8"]
+
+
+def train_steps(run_dir):
+    return [m for m in read_metrics(run_dir) if "rollout/samples" in m]  # step 0 is the initial eval
