@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from dispo_ray.infra.config import compose
-from runs import REPO, SMALL, train_steps
+from runs import REPO, SMALL, sabotage, train_steps
 
 
 def _fit(overrides):
@@ -99,9 +98,7 @@ def test_generator_and_reward_worker_killed_mid_run(ray_cluster, tmp_path):
     trainer = Trainer(cfg)
     killed = {}
 
-    def saboteur():
-        while getattr(trainer, "producer", None) is None or trainer.step < 2:
-            time.sleep(0.01)
+    def kill_generator_then_reward_worker():
         assert trainer.producer.generating.wait(timeout=120)
         ray.kill(trainer.generators.actors[0], no_restart=False)  # Ray restarts it
         killed["generator_at_step"] = trainer.step
@@ -110,8 +107,7 @@ def test_generator_and_reward_worker_killed_mid_run(ray_cluster, tmp_path):
         ray.kill(trainer.rewards.workers[0], no_restart=True)  # the pool must replace it
         killed["reward_at_step"] = trainer.step
 
-    t = threading.Thread(target=saboteur, daemon=True)
-    t.start()
+    t = sabotage(trainer, 2, kill_generator_then_reward_worker)
     try:
         summary = trainer.fit()
         t.join(timeout=60)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -16,7 +15,7 @@ import pytest
 
 from dispo_ray.infra import checkpoints
 from dispo_ray.infra.run_state import checkpoint_dir, mark_latest
-from runs import REPO, SMALL, train_steps
+from runs import REPO, SMALL, sabotage, train_steps
 
 
 # ---------------------------------------------------------------- checkpoint rules, by hand
@@ -224,15 +223,12 @@ def test_a_learner_rank_killed_mid_run_is_rebuilt_from_the_last_checkpoint(ray_c
     trainer = Trainer(cfg)
     killed = {}
 
-    def saboteur():
-        while getattr(trainer, "producer", None) is None or trainer.step < 3:
-            time.sleep(0.01)
+    def kill_rank_1():
         pid = call_on([trainer.learners.actors[1]], lambda _: os.getpid())[0]
         os.kill(pid, signal.SIGKILL)
         killed["at_step"] = trainer.step
 
-    t = threading.Thread(target=saboteur, daemon=True)
-    t.start()
+    t = sabotage(trainer, 3, kill_rank_1)
     try:
         summary = trainer.fit()
         t.join(timeout=60)

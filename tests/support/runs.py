@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 from dispo_ray.infra.metrics_log import read_metrics
 
@@ -14,3 +16,17 @@ SMALL = ["generator=hf", "generator.max_new_tokens=16", "trainer.prompts_per_ste
 
 def train_steps(run_dir):
     return [m for m in read_metrics(run_dir) if "rollout/samples" in m]  # step 0 is the initial eval
+
+
+def sabotage(trainer, at_step: int, act) -> threading.Thread:
+    """Start a thread that calls ``act()`` once ``trainer.fit()`` has reached ``at_step`` (the
+    fault tests' way of hitting a running loop)."""
+    def run():
+        while getattr(trainer, "producer", None) is None or trainer.step < at_step:
+            time.sleep(0.01)
+        act()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
