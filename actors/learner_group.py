@@ -28,19 +28,17 @@ _BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "old_log_probs", 
 class LearnerGroup:
     """Driver-side handle of the learner world. All methods block unless they say otherwise."""
 
-    def __init__(self, cfg: Any, model_path: Optional[str] = None,
+    def __init__(self, cfg: Any, model_path: str,
                  ds_config_overrides: Optional[Dict[str, Any]] = None, start_timeout_s: float = 600.0):
+        """``model_path``: the HF folder every rank loads. Which folder that is gets decided in one
+        place, :func:`dispo_ray.tiny.warmstart.warm_started_model_dir` (the driver's choice)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         l = cfg.learner
-        if model_path is None:
-            if cfg.model.path is not None:
-                model_path = cfg.model.path
-            else:
-                from dispo_ray.tiny.model import build_tiny_model
-                model_path = build_tiny_model(cfg.model)
+        if not model_path:
+            raise ValueError("LearnerGroup: model_path is required (an HF folder; see warm_started_model_dir)")
         self.cfg, self.model_path, self.world_size = cfg, model_path, l.num_actors
         self.pg = None
         wait_for_node_resource(l.node_resource, "learner.node_resource", start_timeout_s)

@@ -35,7 +35,8 @@ def deepspeed_step(tmp_path, stage: int, checkpointing: bool) -> dict:
     cfg = compose(["learner.num_actors=1", "learner.num_gpus_per_actor=1", "learner.num_cpus_per_actor=1",
                    f"learner.zero_stage={stage}", f"learner.gradient_checkpointing={checkpointing}",
                    "model.dtype=bfloat16", "learner.micro_batch_size=4", f"model.cache_dir={tmp_path}/cache"])
-    group = LearnerGroup(cfg)
+    from dispo_ray.tiny.model import build_tiny_model
+    group = LearnerGroup(cfg, build_tiny_model(cfg.model))  # un-warmed: the step's mechanics only
     try:
         assert group.info[0]["backend"] == "nccl" and group.info[0]["device"].startswith("cuda")
         assert group.info[0]["gradient_checkpointing"] is checkpointing
