@@ -180,7 +180,7 @@ class LearnerWorker(LearnerSyncMixin):
     # ------------------------------------------------------------------ world and engine
     def endpoint(self) -> tuple:
         """(address, free port) of this node: rank 0's answer becomes the world's rendezvous."""
-        from dispo_ray.infra.weight_sync import find_free_port, local_ip
+        from dispo_ray.sync.protocol import find_free_port, local_ip
         return local_ip(), find_free_port()
 
     def setup(self, master_addr: str, master_port: int) -> Dict[str, Any]:

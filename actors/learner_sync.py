@@ -4,7 +4,7 @@ as rank 0 (sender, store host) of the weight-sync group.
 
 Contract: every learner rank calls :meth:`broadcast_weights` (ZeRO-3 gathers are collectives of
 the DeepSpeed world); only rank 0 sends. The driver calls it only once every receiver is ready
-(:class:`dispo_ray.infra.sync_transport.SyncGate`), so the other ranks' gathers never wait on a sender
+(:class:`dispo_ray.sync.transport.SyncGate`), so the other ranks' gathers never wait on a sender
 that waits on a busy generator; the world's timeout exceeds the sync's
 (:func:`dispo_ray.infra.devices.learner_world_timeout_s`).
 """
@@ -27,14 +27,14 @@ class LearnerSyncMixin:
 
     def manifest(self):
         """HF-named ParamSpecs in the dtype the generators hold (``model.dtype``)."""
-        from dispo_ray.infra.weight_sync import ParamSpec
+        from dispo_ray.sync.protocol import ParamSpec
         dtype = self.cfg.model.dtype
         return [ParamSpec(n, tuple(getattr(p, "ds_shape", p.shape)), dtype) for n, p in self.named_params]
 
     def _iter_buckets(self, bucket_bytes: int):
         """Yield (bucket specs, whole tensors in manifest dtype) one bucket at a time; under ZeRO-3
         only that bucket is gathered. Rank 0 gets the tensors, other ranks None (all must iterate)."""
-        from dispo_ray.infra.weight_sync import direct_bytes_for, plan_buckets
+        from dispo_ray.sync.protocol import direct_bytes_for, plan_buckets
         lookup = dict(self.named_params)
         # the same plan as the SyncSender's and every receiver's (they agree on the backend)
         for bucket in plan_buckets(self.manifest(), bucket_bytes, direct_bytes_for(self.sync_backend)):
@@ -48,7 +48,7 @@ class LearnerSyncMixin:
         self._sync_backend = backend or self._sync_backend
         if self.rank != 0:
             return False
-        from dispo_ray.infra.weight_sync import WeightSyncGroup
+        from dispo_ray.sync.protocol import WeightSyncGroup
         device = torch.device("cuda", torch.cuda.current_device()) if self._sync_backend == "nccl" else None
         self.sync_group = WeightSyncGroup(self._sync_backend, host, port, 0, world_size,
                                           timeout_s=self.cfg.learner.sync_timeout_s, device=device)
@@ -67,7 +67,7 @@ class LearnerSyncMixin:
         """Every rank calls this; buckets are gathered one at a time (ZeRO-3) and rank 0 sends them.
         A send failure on rank 0 is raised only after the loop, so the other ranks never hang in a
         gather that rank 0 skipped."""
-        from dispo_ray.infra.weight_sync import SyncSender
+        from dispo_ray.sync.protocol import SyncSender
         bucket_bytes = self.cfg.learner.sync_bucket_mb << 20
         sender, error = None, None
         if self.rank == 0:

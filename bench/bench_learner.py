@@ -62,7 +62,7 @@ def _measure(zero_stage: int, quick: bool, workdir: str) -> dict:
     from dispo_ray.infra.config import compose
     from dispo_ray.algorithm.losses import get_policy_loss
     from dispo_ray.tiny.model import build_tiny_model
-    from dispo_ray.infra.weight_sync import find_free_port
+    from dispo_ray.sync.protocol import find_free_port
 
     cfg = compose(["learner.num_actors=1", f"learner.zero_stage={zero_stage}", "learner.num_cpus_per_actor=1",
                    "learner.micro_batch_size=16", "learner.mini_batches=1", f"model.cache_dir={workdir}"])

@@ -1,6 +1,6 @@
 """Weight sync: (a) the bucketed protocol against a raw broadcast, (b) its share of a training step.
 
-(a) Protocol efficiency. Effective bytes/s of ``dispo_ray.infra.weight_sync`` (``send_weights`` on this
+(a) Protocol efficiency. Effective bytes/s of ``dispo_ray.sync.protocol`` (``send_weights`` on this
 process as rank 0, ``receive_weights`` on 1 and then 2 receiver processes, spawned as the tests do)
 divided by ONE raw flat ``WeightSyncGroup.broadcast`` of the same payload bytes (a resident buffer
 holding them, packed once before timing) on the same gloo group (goal >= 0.9), at the configured bucket size (``learner.sync_bucket_mb``). The payload is the
@@ -51,7 +51,7 @@ def payload_manifest(num_layers: int):
     """ParamSpecs of a Qwen2 with a 32k vocabulary, hidden 640: ~20 M embedding (tied) + ~4.3 M per layer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dispo_ray.infra.weight_sync import make_manifest
+    from dispo_ray.sync.protocol import make_manifest
 
     cfg = Qwen2Config(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=num_layers,
                       num_attention_heads=10, num_key_value_heads=2, tie_word_embeddings=True)
@@ -66,7 +66,7 @@ def _ack(group) -> None:
 
 def _receiver(port: int, rank: int, world: int, manifest, schedule, q) -> None:
     """Mirror the sender's schedule; report a checksum of the first bucketed receive."""
-    from dispo_ray.infra.weight_sync import WeightSyncGroup, receive_weights
+    from dispo_ray.sync.protocol import WeightSyncGroup, receive_weights
 
     try:
         torch.set_num_threads(1)
@@ -91,7 +91,7 @@ def _receiver(port: int, rank: int, world: int, manifest, schedule, q) -> None:
 
 def measure_protocol(manifest, n_receivers: int, bucket_sizes: Sequence[int], rounds: int) -> Dict[str, List[float]]:
     """Seconds per transfer for "raw" and each bucket size, alternating order round by round."""
-    from dispo_ray.infra.weight_sync import WeightSyncGroup, find_free_port, pack, send_weights
+    from dispo_ray.sync.protocol import WeightSyncGroup, find_free_port, pack, send_weights
 
     g = torch.Generator().manual_seed(0)
     tensors = {p.name: torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.torch_dtype) for p in manifest}
@@ -140,7 +140,7 @@ def measure_protocol(manifest, n_receivers: int, bucket_sizes: Sequence[int], ro
 
 def protocol_rows(quick: bool) -> List[dict]:
     from dispo_ray.infra.config import compose
-    from dispo_ray.infra.weight_sync import direct_bytes_for, plan_buckets
+    from dispo_ray.sync.protocol import direct_bytes_for, plan_buckets
 
     default_mb = int(compose([]).learner.sync_bucket_mb)
     manifest = payload_manifest(4)

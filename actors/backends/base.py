@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from dispo_ray.infra.weight_sync import ParamSpec, WeightSyncGroup, receive_plan_for, receive_weights
+from dispo_ray.sync.protocol import ParamSpec, WeightSyncGroup, receive_plan_for, receive_weights
 
 
 @dataclass
@@ -87,7 +87,7 @@ class WeightReceiver:
     def receive(self, load: Callable[[Iterable[Tuple[str, torch.Tensor]]], Any],
                 skip: Iterable[str] = (), owned: bool = False) -> int:
         """``owned``: ``load`` keeps the tensors it is given beyond the next one (see
-        :func:`dispo_ray.infra.weight_sync.receive_weights`)."""
+        :func:`dispo_ray.sync.protocol.receive_weights`)."""
         skip = set(skip)
         version, stream = receive_weights(self.group, self.manifest, self.bucket_bytes, plan=self.plan, owned=owned)
         load((name, t) for name, t in stream if name not in skip)

@@ -11,7 +11,7 @@ that speak gloo (or the reverse), which hangs until a timeout. Here:
 * :func:`sync_backend`: ``nccl`` iff both the learner and the generators compute on CUDA, else
   ``gloo`` (a CUDA side then stages through host memory). The driver calls it once and passes the
   answer to both sides; a rank that joins with another backend fails at group formation with one
-  line (:mod:`dispo_ray.infra.sync_transport`), and both sides derive the same bucket plan from it;
+  line (:mod:`dispo_ray.sync.transport`), and both sides derive the same bucket plan from it;
 * :func:`assigned_cuda_index`: the local CUDA index of the GPU Ray assigned to this process;
 * :func:`learner_world_timeout_s`: the DeepSpeed world's collective timeout, longer than any
   weight-sync deadline and than rank 0's lone checkpoint / HF-export writes (see there);

@@ -104,7 +104,7 @@ class Trainer:
         import ray
 
         from dispo_ray.infra.devices import sync_backend
-        from dispo_ray.infra.weight_sync import SyncGate
+        from dispo_ray.sync.protocol import SyncGate
 
         cfg = self.cfg
         with self._sync_lock:

@@ -2,7 +2,7 @@
 
 The group lives outside the DeepSpeed world: rank 0 is learner rank 0 (it hosts the rendezvous
 store), ranks 1..N are the generator workers. Backends share one small surface
-(:class:`WeightSyncGroup`, in :mod:`dispo_ray.infra.sync_transport` with the readiness gate): ``gloo``
+(:class:`WeightSyncGroup`, in :mod:`dispo_ray.sync.transport` with the readiness gate): ``gloo``
 over a private ``TCPStore`` on CPU, ``nccl`` through vLLM's ``StatelessProcessGroup`` +
 ``PyNcclCommunicator`` on GPU (vLLM 0.32 API). This module is the protocol, the same on both.
 
@@ -17,7 +17,8 @@ One sync, both sides walking the same manifest (names, shapes, dtypes in a fixed
     4. completion        all-reduce(min) once every rank has every bucket
 
 Buckets are planned greedily in manifest order up to ``bucket_bytes`` (a larger tensor, or on
-gloo any tensor of >= 256 KiB, gets a bucket of its own and goes unpacked: :func:`direct_bytes_for`),
+gloo any tensor of >= 256 KiB, gets a bucket of its own and goes unpacked: :func:`direct_bytes_for`;
+the plan lives in :mod:`dispo_ray.sync.buckets`, a receiver's memory plan in :mod:`dispo_ray.sync.memory`),
 so the sender can gather one bucket at a time (ZeRO-3) and never holds the whole model. Both sides
 pipeline: the sender keeps ``SEND_AHEAD`` broadcasts in flight while it packs the next bucket
 into a persistent staging buffer; each receiver keeps ``RECV_AHEAD`` receives posted while its
@@ -27,135 +28,20 @@ consumer loads an earlier bucket. Every collective has a deadline; a failure rai
 from __future__ import annotations
 
 import collections
-import hashlib
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-# the transport (group, readiness gate, errors) lives in dispo_ray.infra.sync_transport; re-exported here
-from dispo_ray.infra.sync_transport import (SyncGate, WeightSyncError, WeightSyncGroup,  # noqa: F401
+# One import surface for the protocol's users: the bucket plan, the receive plan and the transport
+# (group, readiness gate, errors, ports) are re-exported here.
+from dispo_ray.sync.buckets import (RECV_AHEAD, SEND_AHEAD, ParamSpec, bucket_nbytes,  # noqa: F401
+                                    direct_bytes_for, make_manifest, manifest_digest, pack, plan_buckets,
+                                    unpack, wire_chunks)
+from dispo_ray.sync.memory import (RECV_RESERVE_BYTES, ReceivePlan, large_tensor_bytes,  # noqa: F401
+                                   max_bucket_bytes, plan_receive, receive_plan_for)
+from dispo_ray.sync.transport import (SyncGate, WeightSyncError, WeightSyncGroup,  # noqa: F401
                                       find_free_port, local_ip)
-
-SEND_AHEAD = 2  # broadcasts the sender keeps in flight while it packs / gathers the next bucket
-RECV_AHEAD = 2  # receives a receiver keeps posted while its consumer loads an earlier bucket
-_ALIGN = 16  # byte alignment of each tensor in a bucket, so dtype views are always legal
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    shape: Tuple[int, ...]
-    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.torch_dtype).element_size()
-
-
-def make_manifest(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> List[ParamSpec]:
-    return [ParamSpec(n, tuple(t.shape), str(t.dtype).replace("torch.", "")) for n, t in named_tensors]
-
-
-def manifest_digest(manifest: Sequence[ParamSpec]) -> int:
-    text = "|".join(f"{p.name}:{p.shape}:{p.dtype}" for p in manifest)
-    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:7], "little")  # fits int64
-
-
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def direct_bytes_for(backend: str) -> int:
-    """Tensors of at least this many bytes travel unpacked, each as a bucket of its own (0: none).
-
-    gloo (CPU): packing is a host memcpy (~5 GB/s) that costs about as much as the loopback
-    transfer it feeds (~1.5-2 GB/s), while one more collective costs ~40 us: the break-even is
-    near 200 KB, so tensors of >= 256 KiB (every weight matrix of a real model) go as they are
-    and only norms and biases are packed. Measured on the bench payload: 0.7 of a raw broadcast
-    packing everything, 0.9+ with this threshold (bench_sync).
-    nccl: packing is a device copy an order of magnitude faster than the link, and fewer, larger
-    collectives are what NCCL is fast at, so every bucket is packed up to ``bucket_bytes``.
-    """
-    return 256 << 10 if backend == "gloo" else 0
-
-
-def plan_buckets(manifest: Sequence[ParamSpec], bucket_bytes: int,
-                 direct_bytes: int = 0) -> List[List[ParamSpec]]:
-    """Buckets in manifest order: greedily packed up to ``bucket_bytes``; a tensor larger than
-    that, or at least ``direct_bytes`` (when > 0), gets a bucket of its own."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    buckets: List[List[ParamSpec]] = []
-    current: List[ParamSpec] = []
-    size = 0
-    for p in manifest:
-        need = _aligned(p.nbytes)
-        if 0 < direct_bytes <= p.nbytes:
-            if current:
-                buckets.append(current)
-                current, size = [], 0
-            buckets.append([p])
-            continue
-        if current and size + need > bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-        current.append(p)
-        size += need
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def wire_chunks(nbytes: int, bucket_bytes: int) -> List[Tuple[int, int]]:
-    """The broadcasts carrying one bucket of ``nbytes``: ``(offset, length)`` pieces of at most
-    ``bucket_bytes`` (only a lone tensor larger than a bucket has more than one)."""
-    if nbytes <= bucket_bytes:
-        return [(0, nbytes)]
-    return [(off, min(bucket_bytes, nbytes - off)) for off in range(0, nbytes, bucket_bytes)]
-
-
-def _packed_size(sizes: Sequence[int]) -> int:
-    """Each tensor starts aligned; no padding after the last (a one-tensor bucket is its bytes)."""
-    return sum(_aligned(n) for n in sizes[:-1]) + (sizes[-1] if sizes else 0)
-
-
-def bucket_nbytes(bucket: Sequence[ParamSpec]) -> int:
-    return _packed_size([p.nbytes for p in bucket])
-
-
-def pack(tensors: Sequence[torch.Tensor], device: Optional[torch.device] = None,
-         out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Concatenate tensors' bytes (each start aligned) into one flat uint8 buffer (``out``'s
-    first bytes when given, else a new one)."""
-    device = device or (tensors[0].device if tensors else torch.device("cpu"))
-    size = _packed_size([t.numel() * t.element_size() for t in tensors])
-    if out is not None and out.numel() < size:
-        raise ValueError(f"pack: out has {out.numel()} bytes, the bucket needs {size}")
-    flat = out[:size] if out is not None else torch.empty(size, dtype=torch.uint8, device=device)
-    off = 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        # Copy in the tensor's own dtype (offsets are aligned): about twice a byte-wise copy's speed.
-        flat[off:off + n].view(t.dtype).copy_(t.detach().reshape(-1))
-        off += _aligned(n)
-    return flat
-
-
-def unpack(flat: torch.Tensor, bucket: Sequence[ParamSpec]) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Views of ``flat`` as the bucket's tensors (no copy)."""
-    off = 0
-    for p in bucket:
-        yield p.name, flat[off:off + p.nbytes].view(p.torch_dtype).view(p.shape)
-        off += _aligned(p.nbytes)
 
 
 def _guard(group: WeightSyncGroup, phase: str, version: int, fn: Callable[[], None]) -> None:
@@ -193,7 +79,7 @@ class SyncSender:
     order, then ``end()``. The caller supplies each bucket's tensors, so it can gather lazily.
 
     ``begin`` first waits until every receiver is ready (``ready_timeout_s``, None: no deadline;
-    see :mod:`dispo_ray.infra.sync_transport`), so no deadline-bounded collective starts while a
+    see :mod:`dispo_ray.sync.transport`), so no deadline-bounded collective starts while a
     receiver is still busy; every collective after that has the group's ``timeout_s``."""
 
     def __init__(self, group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int,
@@ -280,69 +166,6 @@ def send_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], tensors:
     for bucket in sender.buckets:
         sender.send_bucket([tensors[p.name] for p in bucket])
     return sender.end()
-
-
-RECV_RESERVE_BYTES = 512 << 20  # device memory a receiver leaves untouched beyond its sync buffers
-
-
-@dataclass(frozen=True)
-class ReceivePlan:
-    """How a receiver reassembles a tensor larger than a bucket (it arrives in pieces of
-    ``bucket_bytes``): in a device buffer of its own (``large_on_device``), or through the group's
-    one persistent host buffer of ``staging_bytes`` (:meth:`WeightSyncGroup.host_staging`)."""
-    large_on_device: bool
-    staging_bytes: int
-
-
-def max_bucket_bytes(free_bytes: int, reserve_bytes: int = RECV_RESERVE_BYTES) -> int:
-    """The largest bucket a GPU receiver can take with ``free_bytes`` free after its engine's
-    allocation: ``RECV_AHEAD + 1`` bucket-sized buffers live at once (posted receives plus the one
-    being loaded), beside ``reserve_bytes``."""
-    return max(0, (int(free_bytes) - int(reserve_bytes)) // (RECV_AHEAD + 1))
-
-
-def plan_receive(device_type: str, free_bytes: Optional[int], bucket_bytes: int, large_bytes: Sequence[int],
-                 reserve_bytes: int = RECV_RESERVE_BYTES) -> ReceivePlan:
-    """A receiver's memory plan for the buckets ``learner.sync_bucket_mb`` gives, within the device
-    memory its engine leaves free (``free_bytes``, ``torch.cuda.mem_get_info`` after the engine
-    started; vLLM takes ``gpu_memory_utilization`` of the GPU).
-
-    CUDA: ``RECV_AHEAD + 1`` buckets must fit (else one line naming the key and the largest bucket
-    that fits). Tensors larger than a bucket (``large_bytes``: a 7B model's embedding and LM head,
-    1.1 GB each) are reassembled on the device when two of the largest fit beside them (the one
-    being loaded and the next, already receiving), so they never cross host memory; otherwise
-    through one persistent pinned host buffer of the largest one's size (one device-to-host and
-    one host-to-device copy each, at DMA speed, and no allocation per tensor or per sync).
-    Host (gloo): the device is the host; the persistent buffer saves a fresh mmap per tensor,
-    whose page faults cost more than the copy."""
-    largest = max((int(n) for n in large_bytes), default=0)
-    if device_type != "cuda":
-        return ReceivePlan(False, largest)
-    need = (RECV_AHEAD + 1) * int(bucket_bytes) + int(reserve_bytes)
-    if free_bytes is None or free_bytes < need:
-        fits = max_bucket_bytes(free_bytes or 0, reserve_bytes) >> 20
-        raise WeightSyncError(
-            f"config key 'learner.sync_bucket_mb' = {int(bucket_bytes) >> 20}: a weight-sync receiver has "
-            f"{(free_bytes or 0) >> 20} MiB of GPU memory free beside its engine and needs {RECV_AHEAD + 1} buckets "
-            f"+ {int(reserve_bytes) >> 20} MiB; use sync_bucket_mb <= {fits} or a lower generator.gpu_memory_utilization")
-    if largest == 0 or need + 2 * largest <= free_bytes:
-        return ReceivePlan(True, 0)
-    return ReceivePlan(False, largest)
-
-
-def large_tensor_bytes(manifest: Sequence[ParamSpec], bucket_bytes: int, direct_bytes: int = 0) -> List[int]:
-    """Sizes of the buckets that arrive in more than one piece (a tensor larger than a bucket)."""
-    return [n for n in (bucket_nbytes(b) for b in plan_buckets(manifest, bucket_bytes, direct_bytes))
-            if n > bucket_bytes]
-
-
-def receive_plan_for(group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int,
-                     direct_bytes: Optional[int] = None) -> ReceivePlan:
-    """:func:`plan_receive` for this group's device, with its free memory measured now."""
-    if direct_bytes is None:
-        direct_bytes = direct_bytes_for(group.backend)
-    free = torch.cuda.mem_get_info(group.device)[0] if group.device.type == "cuda" else None
-    return plan_receive(group.device.type, free, bucket_bytes, large_tensor_bytes(manifest, bucket_bytes, direct_bytes))
 
 
 def receive_weights(group: WeightSyncGroup, manifest: Sequence[ParamSpec], bucket_bytes: int,

@@ -30,13 +30,17 @@ that waiting receivers fail at once. A receiver also stops waiting when the stor
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import torch
+
+# the transport's one import surface: ports and the bound store (net), the NCCL refusal (nccl)
+from dispo_ray.sync.errors import WeightSyncError  # noqa: F401
+from dispo_ray.sync.nccl import check_communicator
+from dispo_ray.sync.net import LOOPBACK, bound_store, find_free_port, local_ip, source_address  # noqa: F401
 
 _POLL_S = 0.01  # longest store polling interval of the readiness gate (latency it adds to a sync)
 
@@ -46,57 +50,6 @@ def _backoff(sleep_s: float) -> float:
     well under a millisecond while one behind a minutes-long generation polls 100 times a second."""
     time.sleep(sleep_s)
     return min(_POLL_S, sleep_s * 2)
-
-
-class WeightSyncError(RuntimeError):
-    """A weight-sync collective failed or timed out."""
-
-
-LOOPBACK = "127.0.0.1"
-
-
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def local_ip() -> str:
-    """The address the rendezvous of this node binds to and its peers dial (docs/security.md).
-
-    Loopback when every live node of the Ray cluster is this machine (a local run, also several
-    raylets of ``ray.cluster_utils.Cluster``): nothing of a sync then needs to leave the machine, and
-    no other host can reach it. On a cluster, this node's IP as Ray sees it. Loopback without Ray."""
-    import ray
-    if not ray.is_initialized():
-        return LOOPBACK
-    me = ray.util.get_node_ip_address()
-    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
-    return LOOPBACK if hosts <= {me} else me
-
-
-def source_address(host: str) -> str:
-    """The local address this process reaches ``host`` from (loopback for a loopback host): the
-    interface the group's connections use. No packet is sent (a UDP socket's connect only routes)."""
-    family, _, _, _, addr = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        return s.getsockname()[0]
-
-
-def _listen_fd(host: str, port: int) -> int:
-    """A TCP socket bound to ``host:port`` only, as a raw fd for ``TCPStore(master_listen_fd=)``: torch's
-    master otherwise listens on every interface whatever host it is given (c10d ``Socket::listen(port)``
-    binds the wildcard address). The store takes the fd over (listens, closes it)."""
-    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    s = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(addr)
-    except BaseException:
-        s.close()
-        raise
-    return s.detach()
 
 
 def _gloo_options(host: str, timeout_s: float) -> Any:
@@ -138,102 +91,11 @@ def run_with_deadline(fn: Callable[[], Any], seconds: float, what: str) -> Any:
     return box.get("value")
 
 
-VLLM_MIN_NCCL = (2, 29, 7)  # vLLM 0.32's NCCL wrapper binds ncclCommSuspend/Resume, new in NCCL 2.29.7
-
-
-def nccl_version_string(raw: int) -> str:
-    """NCCL's ``ncclGetVersion`` code as ``major.minor.patch``: ``major*10000 + minor*100 + patch``
-    since NCCL 2.9 (22809 -> 2.28.9), ``major*1000 + minor*100 + patch`` before (2803 -> 2.8.3)."""
-    raw = int(raw)
-    if raw >= 10000:
-        return f"{raw // 10000}.{raw // 100 % 100}.{raw % 100}"
-    return f"{raw // 1000}.{raw // 100 % 10}.{raw % 100}"
-
-
-def pynccl_refusal_message(world_size: int, nccl_version: Optional[str], reason: str) -> str:
-    """The one line refusing a communicator vLLM disabled: the loaded NCCL's version and why vLLM
-    disabled it (vLLM itself only sets ``disabled`` and says nothing, see :func:`pynccl_disabled_reason`)."""
-    msg = (f"vLLM's PyNcclCommunicator is disabled for a world of {world_size}: {reason}; "
-           f"loaded NCCL {nccl_version or 'unknown'}")
-    need = ".".join(map(str, VLLM_MIN_NCCL))
-    try:
-        old = nccl_version is not None and tuple(int(x) for x in nccl_version.split(".")) < VLLM_MIN_NCCL
-    except ValueError:
-        old = False
-    if old:
-        msg += (f", but vLLM 0.32's NCCL wrapper needs NCCL >= {need} (ncclCommSuspend/ncclCommResume): install "
-                f"nvidia-nccl-cu13>={need} or point VLLM_NCCL_SO_PATH at such a libnccl.so.2")
-    return msg + "; its collectives would return without moving data"
-
-
-def pynccl_disabled_reason() -> Tuple[Optional[str], str]:
-    """(loaded NCCL version or None, why vLLM disabled its communicator), found by retracing
-    ``PyNcclCommunicator.__init__`` (vllm/distributed/device_communicators/pynccl.py): disabled
-    when ``VLLM_DISABLE_PYNCCL`` is set, or when ``NCCLLibrary(find_nccl_library())`` raises -- which
-    it does (pynccl_wrapper.py) when the library cannot be opened or lacks one of the symbols it
-    binds, ``ncclCommSuspend``/``ncclCommResume`` (NCCL < 2.29.7) included; pynccl.py catches that
-    and sets ``disabled = True`` without a word."""
-    import ctypes
-
-    import vllm.envs as envs
-
-    if envs.VLLM_DISABLE_PYNCCL:
-        return None, "VLLM_DISABLE_PYNCCL is set"
-    try:
-        from vllm.utils.nccl import find_nccl_library
-        so_file = find_nccl_library()
-    except Exception as e:  # noqa: BLE001 - e.g. a CPU build of torch
-        return None, f"no NCCL library to load ({_one_line(e)})"
-    version = None
-    try:
-        code = ctypes.c_int()
-        if ctypes.CDLL(so_file).ncclGetVersion(ctypes.byref(code)) == 0:
-            version = nccl_version_string(code.value)
-    except Exception:  # noqa: BLE001 - unloadable: vLLM's own attempt below says why
-        pass
-    try:
-        from vllm.distributed.device_communicators.pynccl_wrapper import NCCLLibrary
-        NCCLLibrary(so_file)
-    except Exception as e:  # noqa: BLE001 - exactly what made vLLM disable the communicator
-        return version, f"vLLM's NCCLLibrary({so_file!r}) failed: {type(e).__name__}: {_one_line(e)}"
-    return version, "the NCCL library loads and binds now (it failed when the communicator was built)"
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
-def check_communicator(comm: Any, world_size: int,
-                       diagnose: Callable[[], Tuple[Optional[str], str]] = pynccl_disabled_reason) -> None:
-    """Refuse a PyNccl communicator vLLM disabled: its collectives would return immediately.
-    The error names the loaded NCCL version and vLLM's reason (``diagnose``)."""
-    if world_size > 1 and getattr(comm, "disabled", True):
-        version, reason = diagnose()
-        raise WeightSyncError(pynccl_refusal_message(world_size, version, reason))
-
-
 class _NcclWork:
     """Handle of one enqueued NCCL collective: the event recorded on the comm stream after it."""
 
     def __init__(self, event: Any):
         self.event = event
-
-
-def _store(host: str, port: int, rank: int, world_size: int, timeout_s: float):
-    # use_libuv=False as vLLM's StatelessProcessGroup.create (pytorch#150215); rank 0 listens on
-    # host only (_listen_fd)
-    fd = _listen_fd(host, port) if rank == 0 else None
-    try:
-        return torch.distributed.TCPStore(host, port, world_size, is_master=(rank == 0), master_listen_fd=fd,
-                                          timeout=timedelta(seconds=timeout_s), use_libuv=False)
-    except BaseException:
-        if fd is not None:
-            try:
-                import os
-                os.close(fd)
-            except OSError:
-                pass
-        raise
 
 
 def _handshake(store: Any, backend: str, rank: int, world_size: int, timeout_s: float) -> None:
@@ -287,7 +149,7 @@ class WeightSyncGroup:
 
     # ------------------------------------------------------------------ formation / teardown
     def _form(self, host: str, port: int, join_s: float) -> None:
-        store = _store(host, port, self.rank, self.world_size, join_s)
+        store = bound_store(host, port, self.rank, self.world_size, join_s)
         with self._lock:
             self._store = store
         _handshake(store, self.backend, self.rank, self.world_size, join_s)
@@ -333,7 +195,7 @@ class WeightSyncGroup:
     def host_staging(self, nbytes: int) -> torch.Tensor:
         """The one persistent host buffer (at least ``nbytes``) that a receiver reassembles tensors
         larger than a bucket in when its device has no room for them (see
-        :func:`dispo_ray.infra.weight_sync.plan_receive`); pinned when this group computes on CUDA,
+        :func:`dispo_ray.sync.memory.plan_receive`); pinned when this group computes on CUDA,
         so the device-to-host copies into it and the engine's host-to-device loads out of it run
         at DMA speed. Grows (once) to the largest tensor, then is reused by every one."""
         buf = self._staging.get("host")

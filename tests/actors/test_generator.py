@@ -4,7 +4,7 @@ Checks, against independently computed values:
 * samples come back n per prompt, grouped in prompt order, tagged with the weight version;
 * the sampled-token log-probs agree with a plain transformers forward pass on the same weights
   (temperature 1, top_p 1, float32: max |diff| < 1e-3) -- for vLLM and for the hf backend;
-* a real weight broadcast (``dispo_ray.infra.weight_sync`` over gloo, this process as rank 0) lands in
+* a real weight broadcast (``dispo_ray.sync.protocol`` over gloo, this process as rank 0) lands in
   the running engine: log-probs then match the *new* weights, the version tag is the sender's,
   and a model whose final norm is zero gives every token exactly log(1/V);
 * a killed actor is restarted by Ray, its chunk re-issued, and it is flagged as needing a sync.
@@ -23,7 +23,7 @@ from dispo_ray.infra.config import compose
 from dispo_ray.data.records import PromptRecord
 from dispo_ray.infra.placement import PIN_AMOUNT
 from dispo_ray.tiny.model import build_tiny_model, vocab
-from dispo_ray.infra.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
+from dispo_ray.sync.protocol import WeightSyncGroup, find_free_port, make_manifest, send_weights
 
 TOL = 1e-3
 PROMPTS = ["12+7=", "3-45=", "9*9=", "70+1="]
@@ -241,18 +241,19 @@ def test_hf_broadcast_then_dead_actor_is_restarted_and_reissued(setup, hf_pool):
 
 def test_hf_trim_and_sampling_overrides(setup):
     from actors.backends.base import SamplingSpec
-    from actors.backends.hf_backend import HFBackend
+    from actors.backends.hf_backend import trim_completion
 
     cfg, path_a, tok, *_ = setup
-    be = HFBackend.__new__(HFBackend)
-    be.tokenizer = tok
+    ends = [tok.eos_token_id]
     ids = tok("ab}cd", add_special_tokens=False)["input_ids"]
     spec = SamplingSpec(1.0, 1.0, 5, ["}"])
-    c = be._trim(ids, [-1.0] * 5, spec)
+    c = trim_completion(ids, [-1.0] * 5, spec, ends, tok)
     assert c.token_ids == ids[:3] and c.finish_reason == "stop"
-    c = be._trim(ids[:2] + [tok.eos_token_id, 0, 0], [-1.0] * 5, SamplingSpec(1.0, 1.0, 5, []))
+    c = trim_completion(ids[:2] + [tok.eos_token_id, 0, 0], [-1.0] * 5, SamplingSpec(1.0, 1.0, 5, []), ends, tok)
     assert c.token_ids == ids[:2] + [tok.eos_token_id] and c.finish_reason == "stop"
-    assert be._trim(ids, [-1.0] * 5, SamplingSpec(1.0, 1.0, 5, [])).finish_reason == "length"
+    assert trim_completion(ids, [-1.0] * 5, SamplingSpec(1.0, 1.0, 5, []), ends, tok).finish_reason == "length"
+    with pytest.raises(RuntimeError, match="stopped after 2 tokens"):  # short without an end: a backend bug
+        trim_completion(ids[:2], [-1.0] * 2, SamplingSpec(1.0, 1.0, 5, []), ends, tok)
     assert SamplingSpec.from_config(cfg.generator, {"temperature": 0}).temperature == 0.0
     with pytest.raises(ValueError, match="sampling override 'temp'"):
         SamplingSpec.from_config(cfg.generator, {"temp": 0})

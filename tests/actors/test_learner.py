@@ -255,16 +255,16 @@ def test_hf_export_loads_and_gives_identical_logits(ray_cluster, data, tmp_path)
 
 def test_weight_sync_sends_zero3_weights_in_buckets_and_fails_on_dead_peer(ray_cluster):
     import ray
-    from dispo_ray.infra.weight_sync import WeightSyncError, plan_buckets
+    from dispo_ray.sync.protocol import WeightSyncError, plan_buckets
 
     @ray.remote(num_cpus=0.1)
     class Receiver:
         def join(self, host, port):
-            from dispo_ray.infra.weight_sync import WeightSyncGroup
+            from dispo_ray.sync.protocol import WeightSyncGroup
             self.g = WeightSyncGroup("gloo", host, port, 1, 2, timeout_s=20)
 
         def receive(self, manifest, bucket_bytes):
-            from dispo_ray.infra.weight_sync import receive_weights
+            from dispo_ray.sync.protocol import receive_weights
             version, it = receive_weights(self.g, manifest, bucket_bytes)
             return version, {n: t.clone() for n, t in it}
 

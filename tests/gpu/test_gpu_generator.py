@@ -19,7 +19,7 @@ import torch
 from dispo_ray.infra.config import compose
 from dispo_ray.data.records import PromptRecord
 from dispo_ray.tiny.model import build_tiny_model, vocab
-from dispo_ray.infra.weight_sync import WeightSyncGroup, find_free_port, make_manifest, send_weights
+from dispo_ray.sync.protocol import WeightSyncGroup, find_free_port, make_manifest, send_weights
 
 pytestmark = pytest.mark.gpu
 TOL = 2e-3  # float32 on GPU: TF32 / kernel differences

@@ -3,7 +3,7 @@
 (f) host-staging cost: Qwen2.5-7B's tensor shapes (15.2 GB in bf16; the embedding and LM head are
     1.1 GB each, the MLP matrices 136 MB) synced sender process -> receiver process for several
     bucket sizes. A tensor larger than a bucket arrives in pieces and is reassembled through host
-    memory or on the device (the receive plan, :func:`dispo_ray.infra.weight_sync.plan_receive`);
+    memory or on the device (the receive plan, :func:`dispo_ray.sync.protocol.plan_receive`);
     each bucket size runs once forced through the host and once on the device, so the difference
     is what host staging costs. The receiver copies every tensor into its own copy of the model,
     as an engine's ``load_weights`` does, and both sides' per-tensor fingerprints must agree.
@@ -64,7 +64,7 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def _plans_supported() -> bool:
-    from dispo_ray.infra import weight_sync
+    from dispo_ray.sync import protocol as weight_sync
     return hasattr(weight_sync, "ReceivePlan") and "plan" in inspect.signature(weight_sync.receive_weights).parameters
 
 
@@ -83,7 +83,7 @@ def _f_tensors(shapes, device: str) -> Dict[str, torch.Tensor]:
 def _f_sender(port, shapes, schedule, device, q):
     _env("dispo-sender", device)
     try:
-        from dispo_ray.infra.weight_sync import WeightSyncGroup, make_manifest, send_weights
+        from dispo_ray.sync.protocol import WeightSyncGroup, make_manifest, send_weights
         ts = _f_tensors(shapes, device)
         q.put(("fingerprints", {n: _fingerprint(t) for n, t in ts.items()}))
         manifest = make_manifest(ts.items())
@@ -100,7 +100,7 @@ def _f_sender(port, shapes, schedule, device, q):
 def _f_receiver(port, shapes, schedule, device, q):
     _env("dispo-receiver", device)
     try:
-        from dispo_ray.infra import weight_sync as ws
+        from dispo_ray.sync import protocol as ws
         dst = {n: torch.empty(s, dtype=torch.bfloat16, device=device) for n, s in shapes}
         manifest = ws.make_manifest(dst.items())
         group = ws.WeightSyncGroup(_backend(device), "127.0.0.1", port, 1, 2, timeout_s=300,
@@ -140,7 +140,7 @@ def _drain(q, procs, timeout_s: float) -> list:
 def check_f(device: str = "cuda", spec: dict = QWEN25_7B, buckets_mib: Sequence[int] = F_BUCKETS_MIB,
             timeout_s: float = 400) -> dict:
     """(f): seconds per sync for each (bucket size, reassembly); returns them with the bytes staged."""
-    from dispo_ray.infra.weight_sync import find_free_port
+    from dispo_ray.sync.protocol import find_free_port
     schedule = _schedule(buckets_mib)
     shapes = qwen2_shapes(spec)
     port = find_free_port()
@@ -174,7 +174,7 @@ def check_f(device: str = "cuda", spec: dict = QWEN25_7B, buckets_mib: Sequence[
 def _g_receiver(host, port, manifest, bucket_bytes, syncs, device, q):
     _env("dispo-receiver", device)
     try:
-        from dispo_ray.infra.weight_sync import WeightSyncGroup, receive_weights
+        from dispo_ray.sync.protocol import WeightSyncGroup, receive_weights
         group = WeightSyncGroup(_backend(device), host, port, 1, 2, timeout_s=300,
                                 device=torch.device("cuda", 0) if device == "cuda" else None, join_timeout_s=600)
         for _ in range(syncs):

@@ -75,7 +75,7 @@ def _digest(ts) -> dict:
 def _receiver(port, big_mb, q, die_after=None, device="cuda", timeout=TIMEOUT):
     _env("dispo-receiver", device)
     try:
-        from dispo_ray.infra.weight_sync import WeightSyncGroup, make_manifest, receive_weights
+        from dispo_ray.sync.protocol import WeightSyncGroup, make_manifest, receive_weights
         group = WeightSyncGroup(_backend(device), "127.0.0.1", port, 1, 2, timeout_s=timeout,
                                 device=torch.device("cuda", 0) if device == "cuda" else None, join_timeout_s=120)
         manifest = make_manifest(_tensors(big_mb, device=device).items())  # same names/shapes/dtypes as the sender
@@ -94,7 +94,7 @@ def _receiver(port, big_mb, q, die_after=None, device="cuda", timeout=TIMEOUT):
 
 def _sender(ports, big_mb, q, device="cuda", timeout=TIMEOUT):
     _env("dispo-sender", device)
-    from dispo_ray.infra.weight_sync import WeightSyncError, WeightSyncGroup, make_manifest, send_weights
+    from dispo_ray.sync.protocol import WeightSyncError, WeightSyncGroup, make_manifest, send_weights
     ts = _tensors(big_mb, device=device)
     manifest = make_manifest(ts.items())
     q.put(("digest", _digest(ts)))
@@ -132,7 +132,7 @@ def _run(ports, receivers, big_mb, device="cuda", timeout=TIMEOUT):
 
 def check_a(device: str = "cuda", big_mb: int = 512) -> dict:
     """(a): two syncs (cold, warm) of ``big_mb`` MiB + a tensor in pieces, bit-exact; returns GB/s."""
-    from dispo_ray.infra.weight_sync import find_free_port
+    from dispo_ray.sync.protocol import find_free_port
     out_s, out_r = _run([find_free_port()], [{}], big_mb=big_mb, device=device)
     sent_digest = out_s[0][1]
     sent = [o for o in out_s if o[0] == "sent"]
@@ -152,7 +152,7 @@ def check_a(device: str = "cuda", big_mb: int = 512) -> dict:
 def check_d(device: str = "cuda", big_mb: int = 64, timeout: float = TIMEOUT) -> dict:
     """(d): the first receiver SIGKILLs itself mid-sync; the sender raises within its timeout; a
     group re-formed in the same sender process with a fresh receiver then syncs twice, bit-exact."""
-    from dispo_ray.infra.weight_sync import find_free_port
+    from dispo_ray.sync.protocol import find_free_port
     ports = [find_free_port()]
     while len(ports) < 2:  # two groups, two stores
         ports += [p for p in [find_free_port()] if p != ports[0]]

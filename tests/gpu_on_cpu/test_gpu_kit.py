@@ -216,7 +216,7 @@ def test_vllm_cut_imports_without_the_installed_vllm(kit):
         import sys
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
-        import dispo_ray.infra.sync_transport, dispo_ray.infra.weight_sync
+        import dispo_ray.sync.transport, dispo_ray.sync.protocol
         import vllm
         outside = [m for m, mod in sys.modules.items() if m.startswith("vllm")
                    and getattr(mod, "__file__", None) and "gpu-kit" not in mod.__file__]

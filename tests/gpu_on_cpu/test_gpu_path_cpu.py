@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dispo_ray.infra.config import ConfigError, compose
-from dispo_ray.infra.weight_sync import (RECV_AHEAD, ParamSpec, ReceivePlan, WeightSyncError, WeightSyncGroup,
+from dispo_ray.sync.protocol import (RECV_AHEAD, ParamSpec, ReceivePlan, WeightSyncError, WeightSyncGroup,
                                          find_free_port, large_tensor_bytes, make_manifest, max_bucket_bytes,
                                          plan_receive, receive_weights, send_weights)
 
@@ -222,7 +222,7 @@ def test_world_timeout_covers_sync_and_rank0_io_and_is_never_below_torch_default
 
 # ------------------------------------------------------------------ item 7: disabled PyNccl refusal
 def test_refusal_message_names_nccl_version_and_vllms_reason():
-    from dispo_ray.infra.sync_transport import nccl_version_string, pynccl_refusal_message
+    from dispo_ray.sync.nccl import nccl_version_string, pynccl_refusal_message
     assert nccl_version_string(22809) == "2.28.9" and nccl_version_string(22907) == "2.29.7"
     assert nccl_version_string(2803) == "2.8.3"
     reason = "vLLM's NCCLLibrary('libnccl.so.2') failed: AttributeError: libnccl.so.2: undefined symbol: ncclCommSuspend"
@@ -243,7 +243,7 @@ def test_vllm_disables_pynccl_on_nccl_2_28_and_our_refusal_says_why(tmp_path, mo
     from vllm.distributed.device_communicators.pynccl_wrapper import NCCLLibrary
     from vllm.distributed.utils import StatelessProcessGroup
 
-    from dispo_ray.infra.sync_transport import check_communicator
+    from dispo_ray.sync.nccl import check_communicator
     names = [f.name for f in NCCLLibrary.exported_functions if f.name not in ("ncclCommSuspend", "ncclCommResume")]
     src = tmp_path / "stub.c"
     src.write_text("int ncclGetVersion(int *v) { *v = 22809; return 0; }\n" + "".join(

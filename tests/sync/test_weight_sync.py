@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from dispo_ray.infra.weight_sync import (ParamSpec, SyncSender, WeightSyncError, WeightSyncGroup, bucket_nbytes,
+from dispo_ray.sync.protocol import (ParamSpec, SyncSender, WeightSyncError, WeightSyncGroup, bucket_nbytes,
                                    direct_bytes_for, find_free_port, make_manifest, pack, plan_buckets, receive_weights,
                                    send_weights, unpack)
 
@@ -234,7 +234,7 @@ def test_backend_mismatch_fails_at_formation_with_one_line_on_both_sides():
 def test_disabled_communicator_is_refused(monkeypatch):
     from types import SimpleNamespace as NS
 
-    from dispo_ray.infra.sync_transport import check_communicator
+    from dispo_ray.sync.nccl import check_communicator
     monkeypatch.setenv("VLLM_DISABLE_PYNCCL", "1")  # read by vLLM's envs, as PyNcclCommunicator does
     with pytest.raises(WeightSyncError, match="disabled .*VLLM_DISABLE_PYNCCL"):
         check_communicator(NS(disabled=True), 3)
@@ -253,7 +253,7 @@ class _Event:
 def test_nccl_handle_waits_for_its_own_collective_only_and_a_timeout_breaks_the_group():
     import threading
 
-    from dispo_ray.infra.sync_transport import _NcclWork
+    from dispo_ray.sync.transport import _NcclWork
     g = WeightSyncGroup.__new__(WeightSyncGroup)  # the NCCL wait logic without a GPU
     g.backend, g.timeout_s, g.peer, g.device = "nccl", 0.3, "rank 0/2", torch.device("cpu")
     g._broken, g._lock, g._comm, g._pg, g._store, g._staging = None, threading.Lock(), None, None, None, {}
@@ -268,7 +268,7 @@ def test_nccl_handle_waits_for_its_own_collective_only_and_a_timeout_breaks_the_
 
 
 def test_formation_deadline_bounds_a_call_that_never_returns():
-    from dispo_ray.infra.sync_transport import run_with_deadline
+    from dispo_ray.sync.transport import run_with_deadline
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match="ncclCommInitRank did not finish within 0.5s"):
         run_with_deadline(lambda: time.sleep(60), 0.5, "ncclCommInitRank")
@@ -314,7 +314,7 @@ def _aborted_receiver(port, q):
 
 
 def test_driver_gate_sees_readiness_and_its_abort_releases_waiting_receivers():
-    from dispo_ray.infra.weight_sync import SyncGate
+    from dispo_ray.sync.protocol import SyncGate
     port, q = find_free_port(), CTX.Queue()
     p = CTX.Process(target=_aborted_receiver, args=(port, q))
     p.start()
