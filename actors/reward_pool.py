@@ -149,6 +149,20 @@ def _as_item(x: Any, i: int) -> Dict[str, Any]:
             "response_length": length}
 
 
+def next_chunk(fresh: "collections.deque[Tuple[int, int]]", workers: int,
+               chunk_size: Optional[int] = None) -> Tuple[int, int]:
+    """Take the next chunk ``(start, end)`` off the unassigned range at the head of ``fresh``
+    (the rest goes back). Guided self-scheduling: a chunk is 1/(2W) of what is left (4..64 items),
+    so chunks shrink towards the end of a batch and the workers finish together instead of one
+    idling while another ends a long chunk; a fixed ``chunk_size`` overrides it."""
+    start, end = fresh.popleft()
+    size = chunk_size or max(4, min(64, math.ceil((end - start) / (2 * workers))))
+    if end - start > size:
+        fresh.appendleft((start + size, end))
+        end = start + size
+    return start, end
+
+
 class RewardPool:
     """``reward.num_workers`` sandboxed verifier actors behind one batch API."""
 
@@ -223,7 +237,7 @@ class RewardPool:
         inflight: Dict[Any, tuple] = {}  # ref -> (worker index, (start, end), sent at)
         while fresh or retry or inflight:
             while idle and (fresh or retry):
-                chunk = retry.popleft() if retry else self._cut(fresh, w)
+                chunk = retry.popleft() if retry else next_chunk(fresh, w, self.chunk_size)
                 wi = idle.pop()
                 ref = self.workers[wi].score.remote(batch[chunk[0]:chunk[1]])
                 inflight[ref] = (wi, chunk, time.monotonic())
@@ -246,17 +260,6 @@ class RewardPool:
                     idle.append(wi)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
-
-    def _cut(self, fresh: collections.deque, workers: int) -> Tuple[int, int]:
-        """Next chunk from the unassigned range. Guided self-scheduling: a chunk is 1/(2W) of
-        what is left (4..64 items), so chunks shrink towards the end of a batch and the workers
-        finish together instead of one idling while another ends a long chunk."""
-        start, end = fresh.popleft()
-        size = self.chunk_size or max(4, min(64, math.ceil((end - start) / (2 * workers))))
-        if end - start > size:
-            fresh.appendleft((start + size, end))
-            end = start + size
-        return start, end
 
     def _lost(self, wi: int, chunk: Tuple[int, int], tries: Dict[Tuple[int, int], int],
               retry: collections.deque, results: List[Optional[ScoreResult]]) -> None:

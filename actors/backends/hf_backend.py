@@ -77,6 +77,27 @@ def sample_rows(logits: torch.Tensor, spec: SamplingSpec, rng: Optional[torch.Ge
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+def trim_completion(ids: List[int], lps: List[float], spec: SamplingSpec, end_ids: Sequence[int],
+                    tokenizer: Any) -> Completion:
+    """Cut a padded row at its end: first end token of ``end_ids`` (inclusive), else the token
+    completing a stop string of ``spec`` (decoded with ``tokenizer``), else the row ran to
+    max_new_tokens."""
+    ends = set(end_ids)
+    end = next((t + 1 for t, i in enumerate(ids) if i in ends), None)
+    if spec.stop:
+        limit = end or len(ids)
+        for t in range(1, limit + 1):
+            text = tokenizer.decode(ids[:t], skip_special_tokens=True)
+            if any(s in text for s in spec.stop):
+                end = t
+                break
+    if end is not None:
+        return Completion(ids[:end], lps[:end], "stop")
+    if len(ids) < spec.max_new_tokens:
+        raise RuntimeError(f"hf backend: sample stopped after {len(ids)} tokens without an end token or stop string")
+    return Completion(ids, lps, "length")
+
+
 def hf_device(num_gpus_per_actor: float) -> torch.device:
     """The GPU Ray assigned to this actor (``ray.get_gpu_ids()`` in ``CUDA_VISIBLE_DEVICES``,
     :func:`dispo_ray.infra.devices.actor_device`), not ``cuda.current_device()`` (always cuda:0
@@ -169,26 +190,9 @@ class HFBackend:
                              cache_position=torch.tensor([P + step], device=self.device),
                              use_cache=True).last_hidden_state[:, -1]
         gen, lp = torch.stack(toks, 1).cpu(), torch.stack(lps, 1).float().cpu()
-        return [[self._trim(gen[b * n + k].tolist(), lp[b * n + k].tolist(), spec) for k in range(n)]
+        return [[trim_completion(gen[b * n + k].tolist(), lp[b * n + k].tolist(), spec, self.end_ids,
+                                 self.tokenizer) for k in range(n)]
                 for b in range(len(prompts))]
-
-    def _trim(self, ids: List[int], lps: List[float], spec: SamplingSpec) -> Completion:
-        """Cut a padded row at its end: first end token (inclusive), else the token completing a
-        stop string, else the row ran to max_new_tokens."""
-        ends = set(getattr(self, "end_ids", None) or [self.tokenizer.eos_token_id])
-        end = next((t + 1 for t, i in enumerate(ids) if i in ends), None)
-        if spec.stop:
-            limit = end or len(ids)
-            for t in range(1, limit + 1):
-                text = self.tokenizer.decode(ids[:t], skip_special_tokens=True)
-                if any(s in text for s in spec.stop):
-                    end = t
-                    break
-        if end is not None:
-            return Completion(ids[:end], lps[:end], "stop")
-        if len(ids) < spec.max_new_tokens:
-            raise RuntimeError(f"hf backend: sample stopped after {len(ids)} tokens without an end token or stop string")
-        return Completion(ids, lps, "length")
 
     # --- weights -------------------------------------------------------------------------------
     def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, manifest: Sequence[Any],

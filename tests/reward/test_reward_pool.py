@@ -195,22 +195,22 @@ def test_score_samples_fills_fields_and_rejects_bad_items(pool_factory):
 
 def test_guided_chunks_shrink_towards_the_end_and_cover_the_batch_once():
     import collections
-    from types import SimpleNamespace
 
-    from actors.reward_pool import RewardPool
+    from actors.reward_pool import next_chunk
 
     fresh = collections.deque([(0, 2000)])
-    me = SimpleNamespace(chunk_size=None)
     chunks = []
     while fresh:
-        chunks.append(RewardPool._cut(me, fresh, 2))
+        chunks.append(next_chunk(fresh, 2))
     sizes = [e - s for s, e in chunks]
     assert sizes[0] == 64 and sizes[-1] <= 4  # 1/(2W) of what is left, clamped to 4..64
     assert sizes == sorted(sizes, reverse=True)
     assert [s for s, _ in chunks] == [0] + [e for _, e in chunks[:-1]] and chunks[-1][1] == 2000
     # remaining 100 with 2 workers: ceil(100 / 4) = 25
-    assert RewardPool._cut(me, collections.deque([(1900, 2000)]), 2) == (1900, 1925)
-    assert RewardPool._cut(SimpleNamespace(chunk_size=7), collections.deque([(0, 5)]), 2) == (0, 5)
+    assert next_chunk(collections.deque([(1900, 2000)]), 2) == (1900, 1925)
+    assert next_chunk(collections.deque([(0, 5)]), 2, chunk_size=7) == (0, 5)
+    rest = collections.deque([(0, 20)])  # a fixed chunk_size overrides the guided size
+    assert [next_chunk(rest, 2, chunk_size=7) for _ in range(3)] == [(0, 7), (7, 14), (14, 20)] and not rest
 
 
 def test_verdict_cache_is_a_bounded_lru_of_deterministic_verdicts():
