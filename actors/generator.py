@@ -25,6 +25,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from actors.backends import BACKENDS
 from actors.backends.base import SamplingSpec
 from dispo_ray.data.records import PromptRecord
 from dispo_ray.infra.failures import engine_root_cause, log_offset
@@ -48,7 +49,7 @@ def make_backend(cfg: Any, model_path: str, index: int = 0):
             raise ValueError(f"generator.tensor_parallel_size = {g.tensor_parallel_size}: the hf backend needs 1")
         from actors.backends.hf_backend import HFBackend
         return HFBackend(model_path, g, cfg.model.dtype, max_model_len)
-    raise ValueError(f"generator.backend = {g.backend!r}: must be vllm or hf")
+    raise ValueError(f"generator.backend = {g.backend!r}: must be one of {', '.join(BACKENDS)}")
 
 
 def _record(p: Any) -> PromptRecord:

@@ -45,6 +45,9 @@ class _PolicyLogProbs(torch.nn.Module):
                                      self.chunk_size, mask=response_mask)
 
 
+LR_SCHEDULES = ("constant", "cosine")  # learner.lr_schedule's choices (lr_lambda)
+
+
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
     """LR multiplier at optimizer step s: linear warm-up ``(s+1)/warmup`` for s < warmup, then 1
     (constant) or ``0.5 * (1 + cos(pi * p))`` with p = (s - warmup) / (total - warmup) (cosine to 0)."""

@@ -37,6 +37,9 @@ EXTENSION = "actors.backends.vllm_worker_ext.WeightSyncWorkerExtension"
 CPU_MIN_BATCHED_TOKENS = 4096  # vLLM's own default budget on CPU
 
 
+ENGINE_CORES = ("auto", "in_process", "separate_process")  # generator.engine_core's choices
+
+
 def engine_in_process(setting: str, on_cpu: bool) -> bool:
     """``generator.engine_core``: in_process | separate_process | auto (in-process on CPU only)."""
     return setting == "in_process" or (setting == "auto" and on_cpu)

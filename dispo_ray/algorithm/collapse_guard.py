@@ -48,6 +48,8 @@ SIGNAL_WINDOW = {"repetition": "eps_high_neg", "length": "eps_low_neg",
                  "entropy_low": "eps_high_pos", "entropy_high": "eps_low_pos"}
 REWARD_KEY, REWARD_WINDOW = "rollout/accuracy", 5
 
+ACTIONS = ("warn", "stop", "rollback")  # trainer.collapse_guard.action's choices (the module docstring)
+
 
 @dataclass
 class Response:

@@ -78,6 +78,9 @@ def _param(config: Any, key: str) -> float:
 
 
 # --------------------------------------------------------------------------- aggregation
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # algorithm.loss_agg_mode's choices
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
               global_tokens: Optional[float] = None, global_seqs: Optional[float] = None) -> torch.Tensor:
     """Reduce a ``[B, T]`` per-token loss to a scalar (see the module docstring)."""
@@ -92,8 +95,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
     elif mode == "seq-mean-token-sum":
         per_seq = (per_token * mask).sum(dim=-1)
     else:
-        raise ValueError(f"unknown loss_agg_mode '{mode}'; use token-mean, seq-mean-token-mean "
-                         "or seq-mean-token-sum")
+        raise ValueError(f"unknown loss_agg_mode '{mode}'; use one of {', '.join(LOSS_AGG_MODES)}")
     denom = global_seqs if global_seqs is not None else nonempty.sum().clamp(min=1.0)
     return (per_seq * nonempty).sum() / denom
 

@@ -30,7 +30,6 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-from dispo_ray.reward.scoring import ANSWER_FORMATS
 
 # the directory holding dispo_ray/ (this file is dispo_ray/reward/sandbox.py): the child's PYTHONPATH
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -97,6 +96,9 @@ class _Child:
         return stray
 
 
+MIN_MEMORY_MB = 64  # the child's address-space limit; below it Python and math-verify cannot start
+
+
 class Sandbox:
     """Verifies (answer, ground truth) pairs in a persistent child with a hard deadline.
 
@@ -111,11 +113,10 @@ class Sandbox:
                  soft_timeout: bool = True, window: int = 2, answer_format: str = "boxed"):
         if timeout_s <= 0:
             raise ValueError(f"sandbox timeout_s must be > 0, got {timeout_s}")
-        if memory_mb < 64:
-            raise ValueError(f"sandbox memory_mb must be >= 64, got {memory_mb}")
-        if answer_format not in ANSWER_FORMATS:
-            raise ValueError(f"sandbox answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
-                             f"got {answer_format!r}")
+        if memory_mb < MIN_MEMORY_MB:  # this class owns the rule; reward.memory_mb takes its bound from here
+            raise ValueError(f"sandbox memory_mb must be >= {MIN_MEMORY_MB}, got {memory_mb}")
+        # answer_format: scoring.verify_answer owns the choices; a bad one stops the child's warm-up,
+        # so construction fails
         self.answer_format = answer_format
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)

@@ -42,9 +42,17 @@ from dispo_ray.reward.answers import (answer_span, box_chain, extract_answer, ex
                                extract_gsm8k, find_boxes, is_gsm8k, normalize_ground_truth, shown_answer)
 
 REASONS = ("ok", "no_answer", "wrong", "timeout", "crashed", "too_long")
-ANSWER_FORMATS = ("boxed", "any")
+ANSWER_FORMATS = ("boxed", "any")  # reward.answer_format's choices; check_answer_format is the one check
 MAX_BRACE_DEPTH = 64  # deeper nesting makes the LaTeX parser crawl (3000 levels: ~16 s)
 MAX_LITERAL_DIGITS = 1e6  # integers beyond ~10^(10^6) make sympy's bigint work run for minutes
+
+
+def check_answer_format(answer_format: str) -> None:
+    """The answer-format rule, owned here: the config's ``reward.answer_format`` takes its choices
+    from :data:`ANSWER_FORMATS`; :func:`prepare` and :func:`verify_answer` (the library entry
+    points, callable without a config) refuse anything else."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
 
 
 @dataclass
@@ -195,8 +203,7 @@ def verify_answer(answer: str, ground_truth: str, answer_format: str = "boxed") 
     only ever sees digits and arithmetic operators (its regex admits nothing else)."""
     from math_verify import verify
 
-    if answer_format not in ANSWER_FORMATS:
-        raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+    check_answer_format(answer_format)
     if answer_format == "boxed" and "\\boxed" not in answer and "\\fbox" not in answer:
         answer = "\\boxed{" + answer + "}"
     gold = _parse_gold(ground_truth)
@@ -262,8 +269,7 @@ def prepare(response_text: str, ground_truth: Any, data_source: str, max_answer_
     verification is needed. ``(text to verify, gold text)`` decides the verdict: a cache key."""
     if not isinstance(response_text, str):
         raise TypeError(f"response_text must be str, got {type(response_text).__name__}")
-    if answer_format not in ANSWER_FORMATS:
-        raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+    check_answer_format(answer_format)
     gt = normalize_ground_truth(ground_truth, data_source)
     chain = box_chain(response_text, find_boxes(response_text))
     answer = shown_answer(response_text, chain)

@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Tuple
 
 DATA_SOURCE = "tiny_arith"
 FORMAT_VERSION = 1
+OPS = ("+", "-", "*")  # data.tiny_task.ops's choices (solve)
+STYLES = ("answer", "working")  # data.tiny_task.style's choices (response_text)
 
 
 def prompt_text(a: int, op: str, b: int) -> str:
