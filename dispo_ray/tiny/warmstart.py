@@ -9,9 +9,8 @@ teaches the format and a little arithmetic by teacher forcing on correct solutio
 (prompt and padding positions carry no loss) with torch AdamW on ``batch_size`` problems at a time drawn from the *train* split, until the
 greedy accuracy on a dev slice of the train split (its first ``dev_size`` problems, held out from
 this phase) reaches ``target_accuracy`` -- checked every ``check_every`` steps -- or ``steps`` steps
-have run (``target_accuracy: 0`` trains exactly ``steps``). A fixed step count lands in different
-places on different processors (float kernels steer the same 900 steps to 40% greedy accuracy on
-one x86 machine and 18% on another); a target lands every machine near the same accuracy. The
+have run (``target_accuracy: 0`` trains exactly ``steps``). A target, not a step count, because float
+kernels steer a fixed step count to different accuracies on different CPUs (docs/benchmarks.md). The
 result is clearly imperfect on purpose, so RL has room to show; its greedy accuracy on the
 validation split is measured, logged and stored in ``warmstart.json`` next to the weights (the
 validation split never steers the warm start).
