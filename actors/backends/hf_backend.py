@@ -9,14 +9,13 @@ hidden state, ``LOGITS_BUDGET_BYTES`` worth of rows at a time: for rows ``h`` an
 
 (greedy, ``T = 0``: ``y = argmax W h`` and ``logp`` from the raw logits) -- the same convention as
 the vLLM backend (``actors.backends.base``). Only one ``[chunk, vocab]`` logits block exists at a
-time, so memory does not grow with ``vocab x steps`` as ``generate(output_scores=True)`` did (a
-151,936-row vocabulary at 64 prompts x 2 samples x 32 tokens took 19 GB that way), and the model
-folder's ``generation_config.json`` (a Qwen folder's top_k 20, repetition_penalty 1.05, ...)
-cannot change what is sampled: only ``generator.*`` settings apply. A sample ends at its first end
-token (the tokenizer's eos or one of the generation config's ``eos_token_id``; kept, as vLLM keeps
-it) or at the token that completes a stop string; otherwise it ran to ``max_new_tokens``
-("length"). Draws come from the backend's own ``torch.Generator`` (seeded by ``generator.seed``),
-or from one seeded by the request's seed.
+time, so memory does not grow with ``vocab x steps`` as ``generate(output_scores=True)`` does
+(docs/bring-your-own.md), and the model folder's ``generation_config.json`` (a Qwen folder's top_k
+20, repetition_penalty 1.05, ...) cannot change what is sampled: only ``generator.*`` settings
+apply. A sample ends at its first end token (the tokenizer's eos or one of the generation config's
+``eos_token_id``; kept, as vLLM keeps it) or at the token that completes a stop string; otherwise it
+ran to ``max_new_tokens`` ("length"). Draws come from the backend's own ``torch.Generator`` (seeded
+by ``generator.seed``), or from one seeded by the request's seed.
 """
 from __future__ import annotations
 
@@ -36,8 +35,7 @@ def fix_mmap_threshold(nbytes: int = 4 << 20) -> None:
     """Pin glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``, which also stops its dynamic
     adjustment). By default every freed mmapped block of <= 32 MiB raises the threshold to its size,
     so the next logits blocks of that size land in the heap and, interleaved with the decoder's
-    small tensors, are never returned: at 128 rows and a 151,936-row vocabulary RSS grew ~12 MB
-    per decoding step (3.4 GB after 200 tokens, 0.4 GB with the threshold pinned)."""
+    small tensors, are never returned: RSS grows with every decoding step (docs/bring-your-own.md)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -168,7 +166,7 @@ class HFBackend:
         pos = (att[:, :P].cumsum(-1) - 1).clamp(min=0)
         # A cache allocated once for prompt + max_new_tokens: a growing one re-concatenates every
         # layer's keys and values each step, and the freed blocks of ever larger sizes are not
-        # reused (RSS grew ~10 MB a step at 128 rows: 3.4 GB peak for 200 tokens).
+        # reused (RSS grows every step).
         decoder = self.model.base_model
         cache = StaticCache(config=self.model.config, max_cache_len=total)
         hidden = decoder(input_ids=ids, attention_mask=att, position_ids=pos, past_key_values=cache,
