@@ -27,11 +27,9 @@ learner metrics of that update); ``widen`` is :func:`dispo_ray.algorithm.windows
     a missing or NaN signal (e.g. no correct response in the batch): the window stays.
 
 The clip band is the direct measure of "too tight": a window that clips most of its regime's
-tokens has taken that regime's weights away (at 0 it clips every one). In the regime lab the
-collapses of too-tight windows came before any of the paper's downstream signals moved (accuracy
-fell to 0 within 5-20 steps while length, repetition and entropy stayed in band), so the
-downstream bands alone react too late; the default windows clip far less than the band (their
-clip fractions are in ``regime/*/clip_frac``), so the clip band leaves them alone.
+tokens has taken that regime's weights away (at 0 it clips every one), and it moves before the
+paper's downstream signals do, which react too late (docs/windows.md); the default windows clip far
+less than the band (their clip fractions are in ``regime/*/clip_frac``), so it leaves them alone.
 
 So each window only ever widens away from its configured value (the configured value is the
 tightest the controller goes) and comes back gradually once its signal is in band; the band and

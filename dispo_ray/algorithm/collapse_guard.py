@@ -9,10 +9,9 @@
     reward        batch accuracy < reward_fall x its best mean of    the window that clips the largest share
                   up to 5 consecutive steps so far (0 = off)         of its regime over the streak (regime/*/clip_frac)
 
-The reward signal is not one of the paper's: in the regime lab, too-tight incorrect-response
-windows collapsed accuracy to 0 within 5-20 steps while length, repetition and entropy stayed in
-band, so the paper's signals alone fired too late or not at all. The paper ties no window to it;
-the window that binds hardest (clips most of its regime's tokens) is the direct suspect.
+The reward signal is not one of the paper's: it catches collapses the
+paper's signals miss (docs/windows.md). The paper ties no window to it; the window that binds
+hardest (clips most of its regime's tokens) is the direct suspect.
 
 ``trainer.collapse_guard.action`` says what a trigger does:
 
