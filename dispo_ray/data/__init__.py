@@ -1,1 +1,2 @@
-"""Data and rewards (prompt records, the tiny task, the answer checker and its sandbox): changes when the inputs or their scoring do."""
+"""Prompt data: verl-style records with a resumable cursor (records.py) and the preflight checks of
+the user's data files and model folder (preflight.py): changes when the inputs do."""

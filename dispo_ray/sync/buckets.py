@@ -50,11 +50,9 @@ def _aligned(n: int) -> int:
 def direct_bytes_for(backend: str) -> int:
     """Tensors of at least this many bytes travel unpacked, each as a bucket of its own (0: none).
 
-    gloo (CPU): packing is a host memcpy (~5 GB/s) that costs about as much as the loopback
-    transfer it feeds (~1.5-2 GB/s), while one more collective costs ~40 us: the break-even is
-    near 200 KB, so tensors of >= 256 KiB (every weight matrix of a real model) go as they are
-    and only norms and biases are packed. Measured on the bench payload: 0.7 of a raw broadcast
-    packing everything, 0.9+ with this threshold (bench_sync).
+    gloo (CPU): packing is a host memcpy that costs about as much as the loopback transfer it
+    feeds, while one more collective is cheap, so tensors of >= 256 KiB (every weight matrix of a
+    real model) go as they are and only norms and biases are packed (measured: docs/architecture.md).
     nccl: packing is a device copy an order of magnitude faster than the link, and fewer, larger
     collectives are what NCCL is fast at, so every bucket is packed up to ``bucket_bytes``.
     """
