@@ -30,6 +30,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
+from dispo_ray.reward.scoring import check_answer_format
+
 
 # the directory holding dispo_ray/ (this file is dispo_ray/reward/sandbox.py): the child's PYTHONPATH
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,8 +117,7 @@ class Sandbox:
             raise ValueError(f"sandbox timeout_s must be > 0, got {timeout_s}")
         if memory_mb < MIN_MEMORY_MB:  # this class owns the rule; reward.memory_mb takes its bound from here
             raise ValueError(f"sandbox memory_mb must be >= {MIN_MEMORY_MB}, got {memory_mb}")
-        # answer_format: scoring.verify_answer owns the choices; a bad one stops the child's warm-up,
-        # so construction fails
+        check_answer_format(answer_format)  # the owner's one check (scoring): fail here, not as a dead child
         self.answer_format = answer_format
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
