@@ -68,9 +68,21 @@ def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+# The DeepSpeed entries ds_config derives from other keys (entry -> those keys): an override in
+# learner.deepspeed_config would desync them, so the config refuses these (LearnerConfig.check).
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "learner.micro_batch_size * learner.num_actors",
+    "train_micro_batch_size_per_gpu": "learner.micro_batch_size",
+    "gradient_accumulation_steps": "learner.mini_batches and micro_batch_size",
+    "gradient_clipping": "learner.grad_clip", "zero_optimization.stage": "learner.zero_stage",
+    "bf16": "model.dtype", "fp16": "model.dtype",
+    "optimizer": "learner.lr, betas, weight_decay (torch AdamW)", "scheduler": "learner.lr_schedule, warmup_steps",
+}
+
+
 def ds_config(cfg: Any, world_size: int, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The DeepSpeed config derived from ``cfg.learner`` / ``cfg.model``, then ``learner.deepspeed_config``
-    (the user's extra entries, e.g. ZeRO offload; keys the learner owns are rejected by validation)
+    (the user's extra entries, e.g. ZeRO offload; keys the learner owns are rejected by the config)
     and ``overrides`` merged over it, nested dicts key by key."""
     l = cfg.learner
     c: Dict[str, Any] = {

@@ -460,7 +460,7 @@ def test_nccl_rdma_mode_requests_the_fabric_and_ipc_lock():
     assert sorted(c["securityContext"]["capabilities"]["add"]) == ["IPC_LOCK", "NET_RAW"]
 
 
-def test_values_notes_and_readme_document_auth_policy_nccl_and_the_driver():
+def test_values_notes_and_docs_document_auth_policy_nccl_and_the_driver():
     with helm.Chart.load(CHART) as chart:
         notes = chart.render({"nccl": {"mode": "rdma"}}, name="dispo", namespace="ml")["dispo-ray/templates/NOTES.txt"]
     for phrase in ("driver >= 580", "dispo-dispo-ray-ray-token", "RAY_AUTH_TOKEN=$(kubectl get secret -n ml dispo-dispo-ray-ray-token",
@@ -470,9 +470,9 @@ def test_values_notes_and_readme_document_auth_policy_nccl_and_the_driver():
     schema = json.loads((CHART / "values.schema.json").read_text())
     for key in ("auth", "networkPolicy", "nccl"):
         assert key in schema["required"] and re.search(rf"(?m)^{key}:", text), key
-    readme = (REPO / "README.md").read_text()
+    cluster_doc = (REPO / "docs" / "cluster.md").read_text()
     for phrase in ("authOptions", "NetworkPolicy", "nccl.mode", "+preset=gpu", "580"):
-        assert phrase in readme, phrase
+        assert phrase in cluster_doc, phrase
 
 
 # ---------------------------------------------------------------- KubeRay's ray-cluster chart values
@@ -503,8 +503,8 @@ def test_ray_cluster_values_fit_kuberay_chart_and_match_our_chart():
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     secret_ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert secret_ref["key"] == "auth_token" and "containerEnv" not in vals["head"]
-    readme = (REPO / "README.md").read_text()
-    assert f"kubectl create secret generic {secret_ref['name']}" in readme and f"RAY_AUTH_SECRET={secret_ref['name']}" in readme
+    cluster_doc = (REPO / "docs" / "cluster.md").read_text()
+    assert f"kubectl create secret generic {secret_ref['name']}" in cluster_doc and f"RAY_AUTH_SECRET={secret_ref['name']}" in cluster_doc
 
 
 def test_ray_cluster_network_policy_selects_that_cluster():
@@ -514,7 +514,7 @@ def test_ray_cluster_network_policy_selects_that_cluster():
     cluster = f"dispo-cluster-{vals['nameOverride']}"  # KubeRay's ray-cluster chart: <release>-<nameOverride>
     want = {"matchLabels": {"ray.io/cluster": cluster}}  # the label KubeRay puts on every pod of a RayCluster
     assert pol["spec"]["podSelector"] == want and pol["spec"]["ingress"] == [{"from": [{"podSelector": want}]}]
-    assert f"svc/{cluster}-head-svc" in (REPO / "README.md").read_text()
+    assert f"svc/{cluster}-head-svc" in (REPO / "docs" / "cluster.md").read_text()
 
 
 # ---------------------------------------------------------------- Dockerfiles
