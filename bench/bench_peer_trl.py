@@ -258,7 +258,7 @@ def main(quick: bool = False) -> List[Dict]:
                         runs["trl"])
     heavy_label = f"generation-heavy ({hnew}-token responses, 4-layer model)"
     # the heavy goal is wall to the threshold <= 0.5x; a random-init model has no accuracy to
-    # reach, so seconds per step stand in for it (README: "what the peer rows say")
+    # reach, so seconds per step stand in for it (docs/benchmarks.md, "Against TRL")
     rows += _ratio_rows(heavy_label, runs["dispo_heavy"], runs["trl_heavy"], speed_only=True, step_goal="<= 0.5")
     rows += _ratio_rows(heavy_label + ", max_staleness=1", runs["dispo_heavy_k1"], runs["trl_heavy"],
                         speed_only=True, step_goal="<= 0.5")
