@@ -1,10 +1,12 @@
 """Typed schema of the run configuration, and where Hydra finds ``conf/``.
 
-Hydra composes ``conf/``; :func:`load_config` merges the result into these dataclasses (which
-rejects unknown keys and wrong types) and :func:`dispo_ray.infra.validation.validate` checks ranges,
-enums, divisibility and paths. Every user error becomes one :class:`ConfigError` line naming the
-key, the value and what is allowed; ``dispo_ray.main`` prints it and exits non-zero before Ray
-starts.
+Hydra composes ``conf/`` (where every default lives); :func:`load_config` merges the result into
+these dataclasses (which rejects unknown keys and wrong types) and checks the rules: a key's range
+or choices beside its field (:func:`dispo_ray.infra.rules.key`, choices read from their owners),
+rules tying one section's keys together in that section's ``check``, rules across sections in
+:func:`dispo_ray.infra.validation.validate`. Every user error becomes one :class:`ConfigError`
+line naming the key, the value and what is allowed; ``dispo_ray.main`` prints it and exits
+non-zero before Ray starts. ``python -m dispo_ray.infra.config`` prints the key table.
 """
 from __future__ import annotations
 
@@ -16,12 +18,23 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dispo_ray.infra.rules import check, key, owned, reference_table
 from dispo_ray.infra.validation import ConfigError, validate  # noqa: F401 - ConfigError is part of this API
+
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+_ABSENT = object()
+
+
+def node_resource() -> Any:
+    """``<pool>.node_resource``: the custom Ray resource of the nodes a pool may use."""
+    return key(test=lambda r: r is None or (bool(r.strip()) and r not in RAY_BUILTIN_RESOURCES),
+               allowed=f"null or a custom resource name (not {', '.join(RAY_BUILTIN_RESOURCES)})")
 
 
 @dataclass
 class WindowMaxConfig:
-    """The widest each DISPO window may be set at run time (collapse-guard rollback, adaptive windows)."""
+    """The widest each DISPO window may be set at run time (collapse-guard rollback, adaptive windows);
+    each at least its configured window, the eps_low ones at most 1 (AlgorithmConfig.check)."""
     eps_low_pos: float = MISSING
     eps_high_pos: float = MISSING
     eps_low_neg: float = MISSING
@@ -32,63 +45,81 @@ class WindowMaxConfig:
 class AdaptiveWindowsConfig:
     """Bands of dispo_ray.algorithm.adaptive_windows: a window widens while its signal is out of band."""
     enabled: bool = MISSING
-    repetition_max: float = MISSING  # share of repetitive responses; above: widen eps_high_neg
-    length_min: float = MISSING  # mean response length (tokens); below: widen eps_low_neg
-    entropy_correct_min: float = MISSING  # entropy of correct responses; below: widen eps_high_pos
+    repetition_max: float = key(ge=0, le=1)  # share of repetitive responses; above: widen eps_high_neg
+    length_min: float = key(ge=0)  # mean response length (tokens); below: widen eps_low_neg
+    entropy_correct_min: float = key(ge=0)  # entropy of correct responses; below: widen eps_high_pos
     entropy_correct_max: float = MISSING  # above: widen eps_low_pos
-    clip_frac_max: float = MISSING  # share of its regime's tokens a window clips; above: widen it
-    step_factor: float = MISSING  # per-step widening, in ratio space (> 1)
-    relax: float = MISSING  # in band: fraction of the way back to the configured value per step
+    clip_frac_max: float = key(gt=0, le=1, note="1 = never widen for clipping")  # share of a regime clipped
+    step_factor: float = key(gt=1)  # per-step widening, in ratio space
+    relax: float = key(ge=0, le=1, note="0 = never relax")  # in band: fraction of the way back per step
+
+    def check(self, at: str) -> None:
+        check(self.entropy_correct_min < self.entropy_correct_max, f"{at}.entropy_correct_min",
+              self.entropy_correct_min, f">= 0 and < {at}.entropy_correct_max={self.entropy_correct_max}")
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = MISSING
+    name: str = key(choices="dispo_ray.algorithm.losses.registered_losses")
     # DISPO: weight window [1-eps_low_pos, 1+eps_high_pos] for A > 0, [1-eps_low_neg, 1+eps_high_neg] for A < 0.
-    eps_low_pos: float = MISSING
-    eps_high_pos: float = MISSING
-    eps_low_neg: float = MISSING
-    eps_high_neg: float = MISSING
+    eps_low_pos: float = key(ge=0, le=1)
+    eps_high_pos: float = key(ge=0)
+    eps_low_neg: float = key(ge=0, le=1)
+    eps_high_neg: float = key(ge=0)
     # PPO-style window for dapo/grpo (and the single window of cispo): [1-clip_low, 1+clip_high].
-    clip_low: float = MISSING
-    clip_high: float = MISSING
-    loss_agg_mode: str = MISSING
-    kl_coef: float = MISSING  # grpo's optional KL-to-reference term (k3 estimator); 0 = off
-    group_size: int = MISSING  # G samples per prompt
+    clip_low: float = key(ge=0, le=1)
+    clip_high: float = key(ge=0)
+    loss_agg_mode: str = key(choices="dispo_ray.algorithm.losses.LOSS_AGG_MODES")
+    kl_coef: float = key(ge=0)  # grpo's optional KL-to-reference term (k3 estimator); 0 = off
+    group_size: int = key(ge=2, note="group-relative advantages need at least two samples per prompt")  # G
     norm_adv_by_std: bool = MISSING
-    adv_eps: float = MISSING
+    adv_eps: float = key(gt=0)
     dynamic_sampling: bool = MISSING  # drop all-correct / all-wrong groups and refill
     # Truncated importance-sampling correction of the generator/learner mismatch: 0 = off,
     # otherwise weight each token by min(pi_learner_old / pi_generator, cap).
-    mismatch_is_cap: float = MISSING
+    mismatch_is_cap: float = key(ge=0, note="0 = off")
     window_max: WindowMaxConfig = field(default_factory=WindowMaxConfig)
     adaptive_windows: AdaptiveWindowsConfig = field(default_factory=AdaptiveWindowsConfig)
+
+    def check(self, at: str) -> None:
+        for k in ("eps_low_pos", "eps_high_pos", "eps_low_neg", "eps_high_neg"):
+            v, lo, high = getattr(self.window_max, k), getattr(self, k), k.startswith("eps_high")
+            check(lo <= v and (high or v <= 1.0), f"{at}.window_max.{k}", v,
+                  f">= {at}.{k}={lo}" + ("" if high else " and <= 1"))
+        check(not self.adaptive_windows.enabled or self.name == "dispo", f"{at}.adaptive_windows.enabled",
+              self.adaptive_windows.enabled, f"false with {at}.name={self.name} (it moves DISPO's four windows)")
 
 
 @dataclass
 class TinyModelConfig:
-    hidden_size: int = MISSING
-    num_layers: int = MISSING
-    num_heads: int = MISSING
-    num_kv_heads: int = MISSING
-    intermediate_size: int = MISSING
-    max_position_embeddings: int = MISSING
+    hidden_size: int = key(ge=1)
+    num_layers: int = key(ge=1)
+    num_heads: int = key(ge=1)
+    num_kv_heads: int = key(ge=1)
+    intermediate_size: int = key(ge=1)
+    max_position_embeddings: int = key(ge=1)
+
+    def check(self, at: str) -> None:
+        check(self.hidden_size % self.num_heads == 0, f"{at}.hidden_size", self.hidden_size,
+              f"divisible by {at}.num_heads={self.num_heads}")
+        check(self.num_heads % self.num_kv_heads == 0, f"{at}.num_kv_heads", self.num_kv_heads,
+              f"a divisor of {at}.num_heads={self.num_heads}")
 
 
 @dataclass
 class WarmStartConfig:
-    steps: int = MISSING  # at most this many steps
-    lr: float = MISSING
-    batch_size: int = MISSING
-    target_accuracy: float = MISSING  # stop once the dev slice's greedy accuracy reaches it (0: run all steps)
-    check_every: int = MISSING
-    dev_size: int = MISSING  # first problems of the train split, held out from the warm start
+    steps: int = key(ge=0)  # at most this many steps
+    lr: float = key(gt=0)
+    batch_size: int = key(ge=1)
+    target_accuracy: float = key(ge=0, le=1)  # stop once the dev slice's greedy accuracy reaches it (0: all steps)
+    check_every: int = key(ge=1)
+    dev_size: int = key(ge=1)  # first problems of the train split, held out (< data.tiny_task.num_train)
 
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = MISSING  # an HF model folder; null = the tiny model built in code
-    dtype: str = MISSING
+    path: Optional[str] = MISSING  # an HF folder (checked by dispo_ray.data.preflight); null = the tiny model
+    dtype: str = key(choices=("float32", "bfloat16", "float16"))
     cache_dir: str = MISSING
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -96,12 +127,16 @@ class ModelConfig:
 
 @dataclass
 class TinyTaskConfig:
-    num_train: int = MISSING
-    num_val: int = MISSING
-    max_digits: int = MISSING
-    ops: List[str] = MISSING
-    seed: int = MISSING  # problem generation and the train/val split
-    style: str = MISSING  # answer (boxed answer only) | working (column-by-column working, additions)
+    num_train: int = key(ge=1)
+    num_val: int = key(ge=1)
+    max_digits: int = key(ge=1, le=6)
+    ops: List[str] = key(each="dispo_ray.tiny.task.OPS")
+    seed: int = key(ge=0)  # problem generation and the train/val split
+    style: str = key(choices="dispo_ray.tiny.task.STYLES")  # answer (boxed answer only) | working (additions)
+
+    def check(self, at: str) -> None:
+        check(self.style != "working" or set(self.ops) == {"+"}, f"{at}.ops", list(self.ops),
+              f"[\"+\"] with {at}.style=working (it writes out additions only)")
 
 
 @dataclass
@@ -112,103 +147,123 @@ class DataConfig:
     prompt_key: str = MISSING
     answer_key: str = MISSING
     data_source_key: str = MISSING
-    max_prompt_length: int = MISSING
+    max_prompt_length: int = key(ge=1)
     skip_bad_rows: bool = MISSING
     shuffle: bool = MISSING
     tiny_task: TinyTaskConfig = field(default_factory=TinyTaskConfig)
 
+    def check(self, at: str) -> None:
+        for group in ("train_files", "val_files", "extra_eval_files"):
+            for p in getattr(self, group):
+                check(os.path.isfile(p), f"{at}.{group}", p, "existing parquet/json/jsonl files")
+
 
 @dataclass
 class GeneratorConfig:
-    backend: str = MISSING  # vllm | hf
-    num_actors: int = MISSING
-    num_cpus_per_actor: float = MISSING
-    num_gpus_per_actor: float = MISSING
-    tensor_parallel_size: int = MISSING
-    gpu_memory_utilization: float = MISSING
-    kv_cache_gib: int = MISSING  # CPU vLLM: VLLM_CPU_KVCACHE_SPACE
+    backend: str = key(choices="actors.backends.BACKENDS")
+    num_actors: int = key(ge=1)
+    num_cpus_per_actor: float = key(ge=0)
+    num_gpus_per_actor: float = key(ge=0)  # whole GPUs when the learner is on GPUs too (validate)
+    tensor_parallel_size: int = key(ge=1)
+    gpu_memory_utilization: float = key(gt=0, le=1)
+    kv_cache_gib: int = key(ge=1)  # CPU vLLM: VLLM_CPU_KVCACHE_SPACE
     cpu_packed_weights: bool = MISSING  # CPU vLLM: oneDNN-packed linears (syncs then re-run a layerwise reload)
     enforce_eager: bool = MISSING
-    engine_core: str = MISSING  # vllm: auto | in_process | separate_process
-    temperature: float = MISSING
-    top_p: float = MISSING
-    max_new_tokens: int = MISSING
+    engine_core: str = key(choices="actors.backends.vllm_backend.ENGINE_CORES")  # vllm only
+    temperature: float = key(ge=0)
+    top_p: float = key(gt=0, le=1)
+    max_new_tokens: int = key(ge=1)
     stop: List[str] = MISSING
     seed: int = MISSING
-    node_resource: Optional[str] = MISSING  # custom Ray resource of the nodes this pool may use
+    node_resource: Optional[str] = node_resource()
 
 
 @dataclass
 class LearnerConfig:
-    num_actors: int = MISSING
+    num_actors: int = key(ge=1)
     num_cpus_per_actor: float = MISSING
-    num_gpus_per_actor: float = MISSING
-    zero_stage: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    betas: List[float] = MISSING
-    lr_schedule: str = MISSING  # constant | cosine
-    warmup_steps: int = MISSING
-    grad_clip: float = MISSING
-    mini_batches: int = MISSING  # optimizer steps per rollout batch
-    micro_batch_size: int = MISSING  # per rank, per forward/backward
-    logprob_chunk_size: int = MISSING  # tokens per chunk of the log-prob/entropy computation
-    sync_bucket_mb: int = MISSING  # weight-broadcast bucket size
-    sync_timeout_s: float = MISSING
+    # NCCL refuses two ranks of one communicator on one GPU ("Duplicate GPU detected" at formation):
+    # the DeepSpeed world speaks NCCL whenever the learner is on GPUs (dispo_ray.infra.devices)
+    num_gpus_per_actor: float = key(test=lambda v: v >= 0 and (v == 0 or float(v).is_integer()),
+                                    allowed="0 or a whole number of GPUs (NCCL refuses two learner ranks on one GPU)")
+    zero_stage: int = key(choices=(0, 1, 2, 3))
+    lr: float = key(gt=0)
+    weight_decay: float = key(ge=0)
+    betas: List[float] = key(test=lambda b: len(b) == 2 and all(0 <= x < 1 for x in b),
+                             allowed="two numbers in [0, 1)")
+    lr_schedule: str = key(choices="actors.learner.LR_SCHEDULES")
+    warmup_steps: int = key(ge=0)
+    grad_clip: float = key(ge=0, note="0 = off")
+    mini_batches: int = key(ge=1)  # optimizer steps per rollout batch
+    micro_batch_size: int = key(ge=1)  # per rank, per forward/backward
+    logprob_chunk_size: int = key(ge=1)  # tokens per chunk of the log-prob/entropy computation
+    sync_bucket_mb: int = key(ge=1)  # weight-broadcast bucket size
+    sync_timeout_s: float = key(gt=0)
     gradient_checkpointing: bool = MISSING  # recompute decoder layers in backward
     deepspeed_config: Optional[Dict[str, Any]] = None  # extra DeepSpeed entries (offload, ...)
-    node_resource: Optional[str] = MISSING  # custom Ray resource of the nodes this pool may use
+    node_resource: Optional[str] = node_resource()
+
+    def check(self, at: str) -> None:
+        for k, owner in owned("actors.learner.DEEPSPEED_OWNED_KEYS").items():  # entries the learner derives
+            node: Any = self.deepspeed_config
+            for part in k.split("."):
+                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+            check(node is _ABSENT, f"{at}.deepspeed_config.{k}", node, f"left out (the learner sets it from {owner})")
 
 
 @dataclass
 class RewardConfig:
-    num_workers: int = MISSING
-    num_cpus_per_worker: float = MISSING
-    timeout_s: float = MISSING
-    memory_mb: int = MISSING
+    num_workers: int = key(ge=1)
+    num_cpus_per_worker: float = key(ge=0)
+    timeout_s: float = key(gt=0)
+    memory_mb: int = key(ge="dispo_ray.reward.sandbox.MIN_MEMORY_MB")
     correct_reward: float = MISSING
     wrong_reward: float = MISSING
     format_reward: float = MISSING  # added when a \boxed{} answer is present
-    overlong_buffer: int = MISSING  # DAPO overlong penalty over the last N tokens; 0 = off
-    overlong_penalty: float = MISSING
-    max_answer_chars: int = MISSING
-    node_resource: Optional[str] = MISSING  # custom Ray resource of the nodes this pool may use
-    answer_format: str = MISSING  # boxed (the answer must be in a box) | any (math-verify's full extraction)
+    overlong_buffer: int = key(ge=0)  # DAPO overlong penalty over the last N tokens (< max_new_tokens); 0 = off
+    overlong_penalty: float = key(ge=0)
+    max_answer_chars: int = key(ge=1)
+    node_resource: Optional[str] = node_resource()
+    answer_format: str = key(choices="dispo_ray.reward.scoring.ANSWER_FORMATS")  # boxed | any (math-verify's own)
 
 
 @dataclass
 class CollapseGuardConfig:
     enabled: bool = MISSING
-    action: str = MISSING  # warn | stop | rollback (dispo_ray.algorithm.collapse_guard)
+    action: str = key(choices="dispo_ray.algorithm.collapse_guard.ACTIONS")  # rollback: dispo, save_every >= 1
     stop_on_trigger: Optional[bool] = None  # deprecated alias: true = action=stop (resolve_aliases)
-    patience: int = MISSING  # consecutive steps a signal must hold
-    repetition_max: float = MISSING
+    patience: int = key(ge=1)  # consecutive steps a signal must hold
+    repetition_max: float = key(ge=0, le=1)
     length_min: float = MISSING
     entropy_min: float = MISSING
     entropy_max: float = MISSING
-    reward_fall: float = MISSING  # batch accuracy below this fraction of its best running mean of up to 5 steps (0 = off)
-    widen_factor: float = MISSING  # rollback: the signal's window widens by this factor (ratio space)
-    max_rollbacks: int = MISSING  # rollbacks per run; later triggers warn
+    reward_fall: float = key(ge=0, lt=1, note="0 = off")  # accuracy below this share of its best 5-step mean
+    widen_factor: float = key(gt=1)  # rollback: the signal's window widens by this factor (ratio space)
+    max_rollbacks: int = key(ge=0)  # rollbacks per run; later triggers warn
+
+    def check(self, at: str) -> None:
+        check(self.entropy_min < self.entropy_max, f"{at}.entropy_min", self.entropy_min,
+              f"< {at}.entropy_max={self.entropy_max}")
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = MISSING
-    run_dir: str = MISSING
+    total_steps: int = key(ge=1)
+    run_dir: str = key(test=bool, allowed="a non-empty path")
     seed: int = MISSING
-    max_staleness: int = MISSING  # 0 = synchronous on-policy; k > 0 = bounded asynchrony
-    prompts_per_step: int = MISSING
-    max_resample_rounds: int = MISSING  # dynamic sampling cap per step
-    oversample: float = MISSING  # dynamic sampling: first-round prompts = ceil(prompts_per_step x this)
-    eval_every: int = MISSING
-    eval_k: int = MISSING
+    max_staleness: int = key(ge=0)  # 0 = synchronous on-policy; k > 0 = bounded asynchrony
+    prompts_per_step: int = key(ge=1)  # x algorithm.group_size divisible by learner ranks x mini_batches
+    max_resample_rounds: int = key(ge=0)  # dynamic sampling cap per step
+    oversample: float = key(ge=1, le=4)  # dynamic sampling: first-round prompts = ceil(prompts_per_step x this)
+    eval_every: int = key(ge=0, note="0 = only at the end")
+    eval_k: int = key(ge=1)
     eval_greedy: bool = MISSING
     eval_max_prompts: int = MISSING
-    save_every: int = MISSING  # 0 = only at the end
+    save_every: int = key(ge=0)  # 0 = only at the end
     resume: bool = MISSING
-    keep_checkpoints: int = MISSING  # newest N complete checkpoints kept (+ what a rollback may need); 0 = all
+    keep_checkpoints: int = key(ge=0, note="0 = keep all")  # newest N kept (+ what a rollback may need)
     save_on_stop: bool = MISSING  # SIGTERM/SIGINT: save a checkpoint before exiting
-    max_learner_restarts: int = MISSING  # a dead learner rank: rebuild + restore this many times per run
+    max_learner_restarts: int = key(ge=0)  # a dead learner rank: rebuild + restore this many times per run
     export_final: bool = MISSING  # write <run_dir>/final_hf (HF format) when the run completes
     tensorboard: bool = MISSING
     wandb_project: Optional[str] = MISSING
@@ -219,7 +274,7 @@ class TrainerConfig:
 @dataclass
 class ClusterConfig:
     address: Optional[str] = MISSING  # null = start a local Ray; "auto" = join the running cluster
-    num_cpus: Optional[int] = MISSING
+    num_cpus: Optional[int] = key(ge=1)
     include_dashboard: bool = MISSING
 
 
@@ -351,3 +406,7 @@ def compose(overrides: Optional[List[str]] = None) -> RootConfig:
     except HydraException as e:
         raise ConfigError(f"config: {str(e).strip().splitlines()[0]}") from None
     return load_config(cfg)
+
+
+if __name__ == "__main__":  # the configuration reference: every key, its default in conf/, what it allows
+    print(reference_table(compose(sys.argv[1:])))

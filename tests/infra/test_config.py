@@ -52,12 +52,53 @@ def test_generator_preset_and_overrides():
     ("learner.deepspeed_config={zero_optimization:{stage:3}}", "learner.deepspeed_config.zero_optimization.stage",
      "the learner sets it from learner.zero_stage"),
     ("learner.deepspeed_config={train_batch_size:64}", "learner.deepspeed_config.train_batch_size", "left out"),
+    # choices and bounds read from their owners (scoring, sandbox, learner, tiny task, collapse guard)
+    ("reward.answer_format=latex", "reward.answer_format", "one of boxed, any"),
+    ("reward.memory_mb=63", "reward.memory_mb", ">= 64"),
+    ("learner.lr_schedule=linear", "learner.lr_schedule", "one of constant, cosine"),
+    ("data.tiny_task.style=essay", "data.tiny_task.style", "one of answer, working"),
+    ("data.tiny_task.ops=[/]", "data.tiny_task.ops", "a non-empty list of '+', '-', '*'"),
+    ("trainer.collapse_guard.action=pause", "trainer.collapse_guard.action", "one of warn, stop, rollback"),
+    ("cluster.num_cpus=0", "cluster.num_cpus", ">= 1 or null"),
+    ("generator.node_resource=GPU", "generator.node_resource", "a custom resource name (not CPU, GPU"),
+    # a section's own rules, and rules across sections
+    ("model.tiny.hidden_size=130", "model.tiny.hidden_size", "divisible by model.tiny.num_heads=4"),
+    ("trainer.collapse_guard.entropy_min=9", "trainer.collapse_guard.entropy_min",
+     "< trainer.collapse_guard.entropy_max=5.0"),
+    ("model.warmstart.dev_size=5000", "model.warmstart.dev_size", "below data.tiny_task.num_train=4000"),
+    ("reward.overlong_buffer=40", "reward.overlong_buffer", "< generator.max_new_tokens=32"),
+    ("trainer.collapse_guard.action=rollback", "trainer.save_every", ">= 1 with trainer.collapse_guard.action"),
 ])
 def test_bad_values_name_key_and_allowed_range(override, key, fragment):
     with pytest.raises(ConfigError) as e:
         compose([override])
     msg = str(e.value)
     assert key in msg and fragment in msg and "\n" not in msg
+
+
+def test_every_rule_names_a_live_owner_and_the_key_table_covers_every_key():
+    import dataclasses
+
+    from dispo_ray.infra.config import RootConfig, _schema_keys
+    from dispo_ray.infra.rules import owned, reference, reference_table
+
+    def rules(cls):
+        for f in dataclasses.fields(cls):
+            if "rule" in f.metadata:
+                yield f.metadata["rule"]
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                yield from rules(f.default_factory)
+    refs = [getattr(r, a) for r in rules(RootConfig) for a in ("ge", "gt", "le", "lt", "choices", "each")
+            if isinstance(getattr(r, a), str)]
+    assert len(refs) >= 10
+    for ref in refs:  # a renamed owner fails here, not in a user's run
+        assert owned(ref) not in (None, (), []), ref
+    cfg = compose([])
+    leaves = {k for k, *_ in reference(cfg)}
+    assert leaves == {k for k in _schema_keys() if not any(o.startswith(k + ".") for o in _schema_keys())}
+    table = reference_table(cfg)
+    assert "| `reward.answer_format` | `'boxed'` | one of boxed, any |" in table
+    assert "| `trainer.oversample` | `1.25` | in [1, 4] |" in table
 
 
 def test_deepspeed_config_entries_merge_into_the_derived_config():
