@@ -33,7 +33,7 @@ CACHEABLE = ("ok", "wrong", "no_answer")  # deterministic verdicts; a timeout ma
 
 _NEEDED = ("num_workers", "num_cpus_per_worker", "timeout_s", "memory_mb", "correct_reward",
            "wrong_reward", "format_reward", "overlong_buffer", "overlong_penalty",
-           "max_answer_chars", "node_resource")
+           "max_answer_chars", "node_resource", "answer_format")
 
 
 class VerdictCache:
@@ -76,7 +76,7 @@ class RewardWorker:
                  cache_size: int = CACHE_SIZE):
         self.cfg = reward_cfg
         self.max_new_tokens = int(max_new_tokens)
-        self.answer_format = getattr(reward_cfg, "answer_format", "boxed")
+        self.answer_format = reward_cfg.answer_format
         self.sandbox = Sandbox(reward_cfg.timeout_s, reward_cfg.memory_mb,
                                answer_format=self.answer_format, **sandbox_options)
         self.cache = VerdictCache(cache_size)

@@ -23,7 +23,7 @@ import pytest
 
 from dispo_ray.infra.config import compose
 from dispo_ray.reward.sandbox import Sandbox
-from dispo_ray.reward.scoring import normalize_ground_truth, prepare, score_in_process
+from dispo_ray.reward.scoring import ANSWER_FORMATS, normalize_ground_truth, prepare, score_in_process
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reward_corpus.json")
 ISSUE_CLASSES = ("multi_box_response", "multi_box_gold", "set", "interval", "relation",
@@ -43,7 +43,7 @@ def scored():
     with open(CORPUS) as f:
         corpus = json.load(f)
     out = []
-    for fmt in ("boxed", "any"):
+    for fmt in ANSWER_FORMATS:
         cases = [c for c in corpus if c.get("format", "boxed") == fmt]
         prepared = [prepare(c["response"], c["gold"], _source(c), 1000, fmt) for c in cases]
         todo = [i for i, p in enumerate(prepared) if p[3] is None]
