@@ -9,9 +9,11 @@ one at a time, so every sample of a ``generate`` call carries the single version
 :class:`GeneratorPool` starts ``generator.num_actors`` actors, splits each request across them
 in contiguous chunks (results come back in prompt order), reports per-actor load, and handles a
 dead actor: Ray restarts it (``max_restarts``), the pool waits for it, flags it as needing a
-weight sync (it came back with the initial weights, version 0), calls the driver's
-``before_reissue`` hook when set (re-form the group, re-broadcast the current version), and
-re-issues the failed chunk (on a healthy, in-sync actor when there is one).
+weight sync (it came back with the initial weights, version 0), asks its ``weight_sync`` owner
+(:class:`dispo_ray.sync.coordinator.WeightSync`, attached when it forms the group) to re-form the
+group and re-broadcast the published version, and re-issues the failed chunk (on a healthy, in-sync
+actor when there is one). The pool owns no version: the published one is the owner's, what each
+actor holds is :meth:`GeneratorPool.versions`.
 
 On GPU clusters each actor gets its own placement group of ``tensor_parallel_size`` bundles of one
 GPU, ``STRICT_PACK`` so a tensor-parallel group never spans nodes; vLLM's Ray executor places its
@@ -23,7 +25,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence
 
 from actors.backends import BACKENDS
 from actors.backends.base import SamplingSpec
@@ -31,6 +33,7 @@ from dispo_ray.data.records import PromptRecord
 from dispo_ray.infra.failures import engine_root_cause, log_offset
 from dispo_ray.infra.placement import pin, wait_for_node_resource
 from dispo_ray.sample import Sample
+from dispo_ray.sync.settings import SyncSettings
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
@@ -112,11 +115,10 @@ class GeneratorActor:
         """How many ranks of the weight-sync group this actor takes (one per TP worker)."""
         return int(self.backend.sync_ranks)
 
-    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, manifest: Sequence[Any],
-                         bucket_bytes: int, timeout_s: float, backend: str = "gloo") -> List[int]:
+    def init_weight_sync(self, settings: SyncSettings, rank: int) -> List[int]:
         """Join the group as ranks ``rank .. rank + sync_ranks() - 1``; blocks until every rank
         (the learner's rank 0 included) has joined. Returns the ranks taken."""
-        return self.backend.init_weight_sync(host, port, rank, world_size, manifest, bucket_bytes, timeout_s, backend)
+        return self.backend.init_weight_sync(settings, rank)
 
     def update_weights(self) -> int:
         """Receive one broadcast into the running engine; adopt the version the sender stamped on
@@ -156,6 +158,18 @@ class GeneratorActor:
         self.backend.shutdown()
 
 
+class SyncOwner(Protocol):
+    """What the pool asks of the weight sync's owner (:class:`dispo_ray.sync.coordinator.WeightSync`)."""
+
+    @property
+    def version(self) -> int:
+        """The published version (0: the initial weights every fresh actor loads)."""
+
+    def resync_restarted(self) -> None:
+        """Re-form the group and re-broadcast the published version to the restarted actors
+        (``needs_sync``); called from the thread that found them, before their prompts are re-issued."""
+
+
 def split_even(items: Sequence[Any], k: int) -> List[List[Any]]:
     """``k`` contiguous chunks whose sizes differ by at most one (empty ones at the end)."""
     q, r = divmod(len(items), k)
@@ -186,13 +200,13 @@ class GeneratorPool:
             opts.update(self._gpu_options(g))
             self.actors.append(remote_cls.options(**opts).remote(cfg, model_path, i))
         self.incarnations = ray.get([a.ready.remote() for a in self.actors])
-        self.version = 0  # the version every actor should hold
         self.needs_sync: set = set()  # actors restarted since the last sync (initial weights)
         self.reissued = 0
         self._ranks: Optional[List[int]] = None
-        # Optional hook the driver sets: re-form the weight-sync group and re-broadcast the current
-        # version. Called after a dead actor is back and before its prompts are re-issued.
-        self.before_reissue: Optional[Callable[[], None]] = None
+        # The owner of the published version (WeightSync attaches itself when it forms the group):
+        # asked whether a restarted actor's initial weights are stale, and to re-sync it before its
+        # prompts are re-issued. None: every restarted actor is flagged and nothing re-syncs it.
+        self.weight_sync: Optional[SyncOwner] = None
 
     def _gpu_options(self, g: Any) -> Dict[str, Any]:
         """One STRICT_PACK placement group per actor: ``tensor_parallel_size`` bundles of one GPU
@@ -233,8 +247,8 @@ class GeneratorPool:
                 failed.append(i)
         for i in failed:
             self._await_restart(i)
-            if self.needs_sync and self.before_reissue is not None:
-                self.before_reissue()  # expected to end in init_weight_sync + update (clears needs_sync)
+            if self.needs_sync and self.weight_sync is not None:
+                self.weight_sync.resync_restarted()  # re-forms the group (clears needs_sync), re-broadcasts
             healthy = [j for j in range(len(self.actors)) if j not in failed and j not in self.needs_sync]
             target = healthy[0] if healthy else i
             results[i] = ray.get(self.actors[target].generate.remote(chunks[i], n, sampling))
@@ -243,7 +257,7 @@ class GeneratorPool:
 
     def _await_restart(self, i: int) -> None:
         """Wait until Ray has restarted actor ``i``; flag it for a weight sync if it now holds
-        weights older than the pool's version."""
+        weights older than the published version (the initial ones are version 0)."""
         import ray
 
         deadline = time.monotonic() + self.restart_timeout_s
@@ -258,7 +272,7 @@ class GeneratorPool:
                 time.sleep(0.5)
         if inc != self.incarnations[i]:
             self.incarnations[i] = inc
-            if self.version != 0:
+            if self.weight_sync is None or self.weight_sync.version != 0:
                 self.needs_sync.add(i)
 
     def check_health(self) -> List[int]:
@@ -274,16 +288,19 @@ class GeneratorPool:
         self._ranks = ray.get([a.sync_ranks.remote() for a in self.actors])
         return 1 + sum(self._ranks)
 
-    def init_weight_sync(self, host: str, port: int, manifest: Sequence[Any], bucket_bytes: int,
-                         timeout_s: float, backend: str = "gloo") -> List[Any]:
+    def init_weight_sync(self, settings: SyncSettings) -> List[Any]:
         """Start every actor joining the group (ranks 1..N in actor order) and return the Ray refs.
         Call :meth:`sync_world_size` *before* (each actor blocks in the join until rank 0 arrives,
-        so no other actor call is answered meanwhile); then join rank 0 and ``ray.get`` the refs."""
+        so no other actor call is answered meanwhile; ``settings.world_size`` is its answer); then
+        join rank 0 and ``ray.get`` the refs."""
         if getattr(self, "_ranks", None) is None:
             self.sync_world_size()
-        world, refs, rank = 1 + sum(self._ranks), [], 1
+        if settings.world_size != 1 + sum(self._ranks):
+            raise ValueError(f"weight sync: world_size {settings.world_size}, but rank 0 and the actors "
+                             f"take {1 + sum(self._ranks)} ranks")
+        refs, rank = [], 1
         for a, k in zip(self.actors, self._ranks):
-            refs.append(a.init_weight_sync.remote(host, port, rank, world, list(manifest), bucket_bytes, timeout_s, backend))
+            refs.append(a.init_weight_sync.remote(settings, rank))
             rank += k
         self.needs_sync.clear()
         return refs
@@ -293,19 +310,20 @@ class GeneratorPool:
         return [a.update_weights.remote() for a in self.actors]
 
     def wait_update(self, refs: Sequence[Any]) -> int:
-        """Wait for :meth:`update_weights`; all actors must report the same version."""
+        """Wait for :meth:`update_weights`; all actors must report the same version (returned, for
+        the caller's check against what it sent)."""
         import ray
         versions = set(ray.get(list(refs)))
         if len(versions) != 1:
             raise RuntimeError(f"generators hold different versions after a sync: {sorted(versions)}")
-        self.version = versions.pop()
-        return self.version
+        return versions.pop()
 
     def close_weight_sync(self) -> None:
         import ray
         ray.get([a.close_weight_sync.remote() for a in self.actors])
 
     def versions(self) -> List[int]:
+        """The version each actor holds now (for checks: the published one is the sync owner's)."""
         import ray
         return ray.get([a.version.remote() for a in self.actors])
 

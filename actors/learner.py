@@ -194,7 +194,8 @@ class LearnerWorker(LearnerSyncMixin):
 
     # ------------------------------------------------------------------ world and engine
     def endpoint(self) -> tuple:
-        """(address, free port) of this node: rank 0's answer becomes the world's rendezvous."""
+        """(address, free port) of this node: rank 0's answer becomes the world's rendezvous
+        (:func:`dispo_ray.sync.net.local_ip`: loopback in a local run)."""
         from dispo_ray.sync.protocol import find_free_port, local_ip
         return local_ip(), find_free_port()
 
@@ -226,8 +227,12 @@ class LearnerWorker(LearnerSyncMixin):
         dtype_bytes = torch.empty((), dtype=getattr(torch, self.cfg.model.dtype)).element_size()
         timeout = timedelta(seconds=learner_world_timeout_s(
             self.cfg.learner.sync_timeout_s, model_folder_params(self.model_path), dtype_bytes))
-        torch.distributed.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                             rank=self.rank, world_size=self.world_size, timeout=timeout)
+        # The world's rendezvous store listens on master_addr only (loopback in a local run), as the
+        # weight sync's does: torch's tcp:// rendezvous would listen on every interface.
+        from dispo_ray.sync.net import bound_store
+        store = bound_store(master_addr, master_port, self.rank, self.world_size, timeout.total_seconds())
+        torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                             timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
         l = self.cfg.learner

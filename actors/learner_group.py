@@ -162,14 +162,12 @@ class LearnerGroup:
         import ray
         return ray.get(self.actors[0].endpoint.remote())
 
-    def init_weight_sync(self, host: str, port: int, world_size: int, wait: bool = True,
-                         backend: Optional[str] = None):
-        """Rank 0 joins the sync group with ``backend`` (the driver's one decision,
-        :func:`dispo_ray.infra.devices.sync_backend`; every rank keeps it for the bucket plan). Blocks
-        until all generators join: pass ``wait=False`` to get rank 0's ObjectRef and let the
-        generators join concurrently."""
+    def init_weight_sync(self, settings: Any, wait: bool = True):
+        """Rank 0 joins the sync group (:class:`dispo_ray.sync.settings.SyncSettings`; every rank keeps
+        its backend for the bucket plan). Blocks until all generators join: pass ``wait=False`` to get
+        rank 0's ObjectRef and let the generators join concurrently."""
         import ray
-        refs = [a.init_weight_sync.remote(host, port, world_size, backend) for a in self.actors]
+        refs = [a.init_weight_sync.remote(settings) for a in self.actors]
         if not wait:
             return refs[0]  # the other ranks only record the backend (answered in call order)
         return ray.get(refs)[0]

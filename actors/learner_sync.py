@@ -4,7 +4,7 @@ as rank 0 (sender, store host) of the weight-sync group.
 
 Contract: every learner rank calls :meth:`broadcast_weights` (ZeRO-3 gathers are collectives of
 the DeepSpeed world); only rank 0 sends. The driver calls it only once every receiver is ready
-(:class:`dispo_ray.sync.transport.SyncGate`), so the other ranks' gathers never wait on a sender
+(:class:`dispo_ray.sync.transport.SyncGate`, held by :class:`dispo_ray.sync.coordinator.WeightSync`), so the other ranks' gathers never wait on a sender
 that waits on a busy generator; the world's timeout exceeds the sync's
 (:func:`dispo_ray.infra.devices.learner_world_timeout_s`).
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import torch
+
+from dispo_ray.sync.settings import SyncSettings
 
 
 class LearnerSyncMixin:
@@ -42,16 +44,16 @@ class LearnerSyncMixin:
                 yield bucket, ([lookup[s.name].data.to(s.torch_dtype) for s in bucket] if self.rank == 0 else None)
 
     # ------------------------------------------------------------------ weight sync (sender side)
-    def init_weight_sync(self, host: str, port: int, world_size: int, backend: Optional[str] = None) -> bool:
-        """Rank 0 joins the weight-sync group as its rank 0 (store master) with the driver's
-        ``backend`` (every rank keeps it: it decides the bucket plan); other ranks join nothing."""
-        self._sync_backend = backend or self._sync_backend
+    def init_weight_sync(self, settings: SyncSettings) -> bool:
+        """Rank 0 joins the weight-sync group as its rank 0 (store master) with the coordinator's
+        ``settings.backend`` (every rank keeps it: it decides the bucket plan); other ranks join nothing."""
+        self._sync_backend = settings.backend
         if self.rank != 0:
             return False
         from dispo_ray.sync.protocol import WeightSyncGroup
         device = torch.device("cuda", torch.cuda.current_device()) if self._sync_backend == "nccl" else None
-        self.sync_group = WeightSyncGroup(self._sync_backend, host, port, 0, world_size,
-                                          timeout_s=self.cfg.learner.sync_timeout_s, device=device)
+        self.sync_group = WeightSyncGroup(settings.backend, settings.host, settings.port, 0, settings.world_size,
+                                          timeout_s=settings.timeout_s, device=device)
         return True
 
     @property

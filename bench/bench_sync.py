@@ -18,9 +18,9 @@ the median session is reported, every session's ratio in the notes.
 data flow of DESIGN.md ("The data flow of one training step": generate, reward, train, sync);
 the share of the learner's train call alone is reported beside it, without a goal. A real ``dispo_ray.rollout.driver.Trainer``
 (reward pool, vLLM generator actor, DeepSpeed learner group, the sync group formed by its own
-``connect_weight_sync``) runs synchronous steps exactly as ``Trainer.fit`` does, minus logging and
+``WeightSync.connect``) runs synchronous steps exactly as ``Trainer.fit`` does, minus logging and
 evaluation: ``RolloutProducer.collect`` (generate + reward + dynamic sampling), ``Trainer.train_on``
-(the learner step), ``Trainer.sync_weights`` (rank-0 bucketed broadcast into the running engine,
+(the learner step), ``WeightSync.publish`` (rank-0 bucketed broadcast into the running engine,
 what the driver logs as ``timing/sync``). Reported: median sync time / median learner step time,
 and median sync / median whole step (generate + reward + train + sync).
 """
@@ -202,7 +202,7 @@ def step_share_rows(quick: bool, raw_bytes_per_s: float) -> List[dict]:
             for step in range(steps + 1):  # step 0 warms up every path
                 batch = producer.collect(step)  # synchronous (max_staleness = 0): on-policy
                 metrics = trainer.train_on(batch)
-                sync_s = trainer.sync_weights(step + 1)
+                sync_s = trainer.weight_sync.publish(step + 1)
                 trainer.step = step + 1
                 if step:
                     t["gen"].append(batch.seconds["timing/generate"])
@@ -221,7 +221,7 @@ def step_share_rows(quick: bool, raw_bytes_per_s: float) -> List[dict]:
     nbytes = sum(p.nbytes for p in manifest)
     common = (f"embedded default (tiny Qwen2, {nbytes / 1e6:.2f} MB float32, bucket {cfg.learner.sync_bucket_mb} MB, "
               f"vLLM generator, DeepSpeed ZeRO-{cfg.learner.zero_stage}); median of {steps} synchronous steps "
-              f"of ~{med['samples']:.0f} samples after a warm-up step; sync = Trainer.sync_weights")
+              f"of ~{med['samples']:.0f} samples after a warm-up step; sync = WeightSync.publish")
     wire_ms = 1e3 * nbytes / raw_bytes_per_s
     common += (f"; at the raw broadcast rate of (a) the payload itself takes ~{wire_ms:.1f} ms, the rest is "
                "per-sync overhead around the broadcast (Ray calls, vLLM collective_rpc, the engine's in-place load)")

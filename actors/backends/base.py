@@ -14,11 +14,12 @@ exactly as a plain forward pass computes it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from dispo_ray.sync.protocol import ParamSpec, WeightSyncGroup, receive_plan_for, receive_weights
+from dispo_ray.sync.protocol import WeightSyncGroup, receive_plan_for, receive_weights
+from dispo_ray.sync.settings import SyncSettings
 
 
 @dataclass
@@ -53,15 +54,6 @@ class Completion:
     finish_reason: str  # "stop" (eos or a stop string) | "length"
 
 
-def manifest_to_wire(manifest: Sequence[Any]) -> List[Tuple[str, Tuple[int, ...], str]]:
-    """Plain tuples for crossing process boundaries (Ray, vLLM's RPC): (name, shape, dtype)."""
-    out = []
-    for p in manifest:
-        name, shape, dtype = (p.name, p.shape, p.dtype) if isinstance(p, ParamSpec) else p
-        out.append((str(name), tuple(int(d) for d in shape), str(dtype).replace("torch.", "")))
-    return out
-
-
 class WeightReceiver:
     """One generator rank of the weight-sync group (rank 0 is the learner).
 
@@ -70,12 +62,11 @@ class WeightReceiver:
     not loaded. The stream is always drained, so the sender never blocks on this rank.
     """
 
-    def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int,
-                 manifest: Sequence[Any], bucket_bytes: int, timeout_s: float,
-                 device: Optional[torch.device] = None):
-        self.manifest = [ParamSpec(n, tuple(s), d) for n, s, d in manifest_to_wire(manifest)]
-        self.bucket_bytes, self.rank = int(bucket_bytes), rank
-        self.group = WeightSyncGroup(backend, host, port, rank, world_size, timeout_s, device=device)
+    def __init__(self, settings: SyncSettings, rank: int, device: Optional[torch.device] = None):
+        self.manifest = settings.specs()
+        self.bucket_bytes, self.rank = int(settings.bucket_bytes), rank
+        self.group = WeightSyncGroup(settings.backend, settings.host, settings.port, rank, settings.world_size,
+                                     settings.timeout_s, device=device)
         # measured once the engine holds its memory: a bucket size that does not fit fails here,
         # at join, in one line naming learner.sync_bucket_mb
         try:
@@ -97,3 +88,34 @@ class WeightReceiver:
 
     def close(self) -> None:
         self.group.close()
+
+
+class ReceivingBackend:
+    """The receiving end every backend shares (the one receiver-side implementation): join the group
+    as rank ``rank`` (:meth:`init_weight_sync`), read one broadcast into the engine
+    (:meth:`_receive`, called by the backend's ``receive_weights`` with its own ``load``), leave it
+    (:meth:`close_weight_sync`). A backend whose model runs in this process (``hf``) uses it as it
+    is; one whose model runs in engine workers (``vllm``) forwards the same calls to them, where a
+    :class:`WeightReceiver` does the work (``actors.backends.vllm_worker_ext``)."""
+
+    sync_ranks = 1  # ranks of the weight-sync group this backend takes (one per model worker)
+    receiver: Optional[WeightReceiver] = None
+
+    def sync_device(self, backend: str) -> Optional[torch.device]:
+        """The device an ``nccl`` group binds to (None: the group's default)."""
+        return None
+
+    def init_weight_sync(self, settings: SyncSettings, rank: int) -> List[int]:
+        """Join as ranks ``rank .. rank + sync_ranks - 1``; blocks until every rank joined."""
+        self.receiver = WeightReceiver(settings, rank, device=self.sync_device(settings.backend))
+        return [rank]
+
+    def _receive(self, load: Callable[[Iterable[Tuple[str, torch.Tensor]]], Any], **kw: Any) -> int:
+        if self.receiver is None:
+            raise RuntimeError("receive_weights before init_weight_sync")
+        return self.receiver.receive(load, **kw)
+
+    def close_weight_sync(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None

@@ -25,7 +25,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from actors.backends.base import Completion, SamplingSpec, WeightReceiver
+from actors.backends.base import Completion, ReceivingBackend, SamplingSpec
 
 MAX_ROWS = 512  # prompts x n per decoding batch, to bound the KV cache
 LOGITS_BUDGET_BYTES = 64 << 20  # one float32 [rows, vocab] block of logits at a time
@@ -115,8 +115,7 @@ def hf_device(num_gpus_per_actor: float) -> torch.device:
                         torch.cuda.current_device())
 
 
-class HFBackend:
-    sync_ranks = 1
+class HFBackend(ReceivingBackend):
 
     def __init__(self, model_path: str, gen_cfg: Any, dtype: str, max_model_len: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,7 +129,6 @@ class HFBackend:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_ids[0]
         self.max_model_len = max_model_len
         self.rng = torch.Generator(device=self.device).manual_seed(int(gen_cfg.seed))
-        self.receiver = None
         self.weight_update = "copy_"  # how a sync loads: into the module's own tensors
 
     @torch.no_grad()
@@ -193,15 +191,10 @@ class HFBackend:
                 for b in range(len(prompts))]
 
     # --- weights -------------------------------------------------------------------------------
-    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, manifest: Sequence[Any],
-                         bucket_bytes: int, timeout_s: float, backend: str) -> List[int]:
-        self.receiver = WeightReceiver(backend, host, port, rank, world_size, manifest, bucket_bytes,
-                                       timeout_s, device=self.device if backend == "nccl" else None)
-        return [rank]
+    def sync_device(self, backend: str) -> Optional[torch.device]:
+        return self.device if backend == "nccl" else None
 
     def receive_weights(self) -> int:
-        if self.receiver is None:
-            raise RuntimeError("receive_weights before init_weight_sync")
         state = self.model.state_dict()  # includes a tied lm_head.weight, which aliases the embedding
 
         @torch.no_grad()
@@ -211,12 +204,7 @@ class HFBackend:
                     raise KeyError(f"weight sync: parameter {name!r} is not in the hf model")
                 state[name].copy_(t)
 
-        return self.receiver.receive(load)
-
-    def close_weight_sync(self) -> None:
-        if self.receiver is not None:
-            self.receiver.close()
-            self.receiver = None
+        return self._receive(load)
 
     def param_sums(self) -> dict:
         return {n: float(p.detach().float().sum()) for n, p in self.model.named_parameters()}

@@ -31,7 +31,8 @@ from __future__ import annotations
 import os
 from typing import Any, List, Sequence
 
-from actors.backends.base import Completion, SamplingSpec, manifest_to_wire
+from actors.backends.base import Completion, ReceivingBackend, SamplingSpec
+from dispo_ray.sync.settings import SyncSettings
 
 EXTENSION = "actors.backends.vllm_worker_ext.WeightSyncWorkerExtension"
 CPU_MIN_BATCHED_TOKENS = 4096  # vLLM's own default budget on CPU
@@ -51,7 +52,9 @@ def cpu_scheduler_args(max_model_len: int) -> dict:
             "max_num_batched_tokens": max(int(max_model_len), CPU_MIN_BATCHED_TOKENS)}
 
 
-class VLLMBackend:
+class VLLMBackend(ReceivingBackend):
+    """The weight-sync calls go to every engine worker (``collective_rpc``), each a rank of its own."""
+
     def __init__(self, model_path: str, gen_cfg: Any, dtype: str, max_model_len: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen_cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "0")
@@ -104,10 +107,8 @@ class VLLMBackend:
         return result
 
     # --- weights -------------------------------------------------------------------------------
-    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, manifest: Sequence[Any],
-                         bucket_bytes: int, timeout_s: float, backend: str) -> List[int]:
-        joined = self.llm.collective_rpc("dispo_init_weight_sync", args=(
-            host, port, rank, world_size, manifest_to_wire(manifest), bucket_bytes, timeout_s, backend))
+    def init_weight_sync(self, settings: SyncSettings, rank: int) -> List[int]:
+        joined = self.llm.collective_rpc("dispo_init_weight_sync", args=(settings.to_wire(), rank))
         self.weight_update = "load_weights" if all(in_place for _, in_place in joined) else "reload_weights"
         return [r for r, _ in joined]
 

@@ -25,7 +25,7 @@ received but not loaded, vLLM's model has no such parameter of its own).
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, Dict, Tuple
 
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
@@ -78,23 +78,23 @@ def loads_in_place(model: Any) -> bool:
 class WeightSyncWorkerExtension:
     """Mixed into vLLM's Worker; names are prefixed ``dispo_`` to avoid clashing with its own."""
 
-    def dispo_init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
-                               manifest: List[Tuple[str, Tuple[int, ...], str]], bucket_bytes: int,
-                               timeout_s: float, backend: str = "gloo") -> Tuple[int, bool]:
-        """Join the group; returns (this worker's rank, whether it loads in place)."""
+    def dispo_init_weight_sync(self, settings: Dict[str, Any], rank_offset: int) -> Tuple[int, bool]:
+        """Join the group (``settings``: :meth:`SyncSettings.to_wire`, plain values for vLLM's RPC)
+        as rank ``rank_offset + worker rank``; returns (that rank, whether it loads in place)."""
         from vllm.platforms import current_platform
 
         from actors.backends.base import WeightReceiver
+        from dispo_ray.sync.settings import SyncSettings
 
-        rank = rank_offset + int(self.rank)
+        settings = SyncSettings.from_wire(settings)
+        rank, backend = rank_offset + int(self.rank), settings.backend
         # backend: the driver's one decision (dispo_ray.infra.devices). On nccl the group binds to this
         # worker's device (vLLM's cuda:<visible index>) and runs on its own stream, so a stuck
         # broadcast never blocks the model runner's stream
         device = getattr(self, "device", None) if backend == "nccl" else None
         self.dispo_cpu = current_platform.is_cpu()
         self.dispo_in_place = loads_in_place(self.model_runner.get_model())
-        self.dispo_receiver = WeightReceiver(backend, host, port, rank, world_size, manifest,
-                                             bucket_bytes, timeout_s, device=device)
+        self.dispo_receiver = WeightReceiver(settings, rank, device=device)
         return rank, self.dispo_in_place
 
     def dispo_receive_weights(self) -> int:

@@ -45,19 +45,22 @@ def save(trainer: Any) -> str:
 
 
 def restore(trainer: Any, path: str, *, rollback: bool = False) -> None:
-    """Load the checkpoint at ``path`` into the learner group and the driver: step, version, data
-    cursor and RNG; a fresh staleness gate at the checkpoint's version. A resume or a learner
+    """Load the checkpoint at ``path`` into the learner group and the driver: step, data cursor and
+    RNG; a fresh staleness gate (it reads the version from the weight sync). A resume or a learner
     recovery also takes the gate's histogram, the guard's history and the windows from the
     checkpoint; a rollback keeps the present guard and windows (the widened one included) and the
     histogram of everything trained so far, and rewrites the checkpoint's driver state with them
-    so that a crash now resumes on the new branch. Ends by broadcasting the restored weights."""
+    so that a crash now resumes on the new branch. Ends by broadcasting the restored weights and
+    publishing the checkpoint's version, possibly older than the present one
+    (:meth:`dispo_ray.sync.coordinator.WeightSync.restore`)."""
     from dispo_ray.rollout.staleness import StalenessGate
 
     trainer.learners.load_checkpoint(os.path.join(path, "learner"))
     state = load_driver_state(path)
-    trainer.step, trainer.version = int(state["step"]), int(state["version"])
+    trainer.step, version = int(state["step"]), int(state["version"])
     trainer.train_set.load_state_dict(state["cursor"])
-    gate = StalenessGate(trainer.cfg.trainer.max_staleness, version=trainer.version)
+    trainer.gate.close()  # the replaced gate stops listening to the weight sync
+    gate = StalenessGate(trainer.cfg.trainer.max_staleness, trainer.weight_sync)
     if rollback:
         gate.histogram = trainer.gate.histogram
     else:
@@ -69,10 +72,11 @@ def restore(trainer: Any, path: str, *, rollback: bool = False) -> None:
     trainer.gate = gate
     trainer.windows.push()  # a learner group built since holds the configured windows
     if rollback:
-        save_driver_state(path, trainer.driver_state(state["cursor"]))
+        # the checkpoint's version: the weight sync publishes it below, once the weights are out
+        save_driver_state(path, {**trainer.driver_state(state["cursor"]), "version": version})
         checkpoints.write_manifest(path, trainer.step)
         mark_latest(trainer.run_dir, trainer.step)
-    trainer.sync_weights(trainer.version)
+    trainer.weight_sync.restore(version)
 
 
 def truncate_metrics(run_dir: str, step: int) -> None:

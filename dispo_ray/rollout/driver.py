@@ -4,7 +4,7 @@
             -> reward pool (reward, correct, reason)
             -> group advantages, dynamic sampling, staleness admission     [RolloutProducer thread]
             -> learner group: DISPO step(s) -> metrics                      [this thread]
-            -> weight broadcast learner rank 0 -> generators: version + 1
+            -> publish: weight broadcast learner rank 0 -> generators: version + 1  [WeightSync]
             -> evaluation, logging, collapse guard, checkpoint
 
 With ``trainer.max_staleness = 0`` the producer waits for each new version (synchronous,
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -48,7 +47,8 @@ def rollout_metrics(batch: Any) -> Dict[str, float]:
 
 
 class Trainer:
-    """Owns the actors, the version counter and the run state; ``fit()`` is the loop."""
+    """Owns the actors and the run state; ``fit()`` is the loop. The published weight version is
+    the weight sync's (``self.weight_sync.version``, :mod:`dispo_ray.sync.coordinator`)."""
 
     def __init__(self, cfg: RootConfig, handle_signals: bool = False):
         from actors.generator import GeneratorPool
@@ -56,6 +56,7 @@ class Trainer:
         from actors.reward_pool import RewardPool
         from dispo_ray.data.records import PromptDataset, data_files
         from dispo_ray.rollout.staleness import StalenessGate
+        from dispo_ray.sync.coordinator import WeightSync
         from dispo_ray.tiny.warmstart import warm_started_model_dir
         from transformers import AutoTokenizer
 
@@ -86,100 +87,14 @@ class Trainer:
             "learners": lambda: LearnerGroup(cfg, self.model_dir),
         }, clock, on_failure=lambda pool: pool.shutdown())
         self.rewards, self.generators, self.learners = pools["rewards"], pools["generators"], pools["learners"]
-        self._sync_lock = threading.RLock()
+        # the weight sync's one owner; it also re-syncs a generator Ray restarted (the pool asks it)
+        self.weight_sync = WeightSync(cfg, self.learners, self.generators)
         with clock.phase("sync_group"):
-            self.connect_weight_sync()
+            self.weight_sync.connect()
         print(clock.finish(), flush=True)
-        # A generator that Ray restarted comes back with the initial weights: before its prompts
-        # are re-issued, the group is re-formed and the published version broadcast again.
-        self.generators.before_reissue = self._resync_restarted
-        self.step, self.version = 0, 0
-        self.gate = StalenessGate(tr.max_staleness, version=0)
+        self.step = 0
+        self.gate = StalenessGate(tr.max_staleness, self.weight_sync)
         self.learner_restarts, self.recoveries = 0, []
-
-    # ------------------------------------------------------------------ weight sync
-    def connect_weight_sync(self) -> None:
-        """Form the sync group: learner rank 0 (store host) + every generator worker, all with the
-        one backend :func:`dispo_ray.infra.devices.sync_backend` decides; then watch its readiness."""
-        import ray
-
-        from dispo_ray.infra.devices import sync_backend
-        from dispo_ray.sync.protocol import SyncGate
-
-        cfg = self.cfg
-        with self._sync_lock:
-            # Everything that asks an actor a question comes first: an actor inside the join
-            # answers nothing else until every rank has arrived.
-            host, port = self.learners.weight_sync_endpoint()
-            manifest = self.learners.weight_manifest()
-            backend = sync_backend(cfg)
-            world = self.generators.sync_world_size()
-            learner_ref = self.learners.init_weight_sync(host, port, world, wait=False, backend=backend)
-            gen_refs = self.generators.init_weight_sync(host, port, manifest, cfg.learner.sync_bucket_mb << 20,
-                                                        cfg.learner.sync_timeout_s, backend)
-            ray.get([learner_ref, *gen_refs], timeout=cfg.learner.sync_timeout_s + 60)
-            self._sync_gate = SyncGate(host, port, receivers=world - 1, timeout_s=cfg.learner.sync_timeout_s)
-
-    def _broadcast(self, version: int) -> None:
-        import ray
-
-        gen_refs = self.generators.update_weights()
-        try:
-            # A generator's update may queue behind a long generate() (max_staleness >= 1): the
-            # learner (every rank, under ZeRO-3 they gather) starts only once every receiver is
-            # ready, so no sync deadline runs meanwhile. Without a deadline, but a receiver whose
-            # call already ended (it died) fails the wait.
-            self._sync_gate.wait_ready(failed=lambda: _raise_if_done(gen_refs))
-            learner_refs = self.learners.broadcast_weights(version, wait=False)
-            ray.get(learner_refs)
-            got = self.generators.wait_update(gen_refs)
-        except Exception as e:
-            # Release receivers still waiting for the start, and close rank 0's side so receivers
-            # blocked on it fail now, not at their timeout.
-            self._sync_gate.abort(type(e).__name__)
-            self.learners.close_weight_sync()
-            for ref in gen_refs:
-                try:
-                    ray.get(ref, timeout=self.cfg.learner.sync_timeout_s)
-                except Exception:  # noqa: BLE001 - the failure is re-raised by the caller's path
-                    pass
-            raise
-        if got != version:
-            raise RuntimeError(f"weight sync: generators report version {got}, expected {version}")
-
-    def reconnect_weight_sync(self) -> None:
-        """Re-form the group (a generator was restarted) and broadcast the published version."""
-        with self._sync_lock:
-            self.learners.close_weight_sync()
-            self.generators.close_weight_sync()
-            self.connect_weight_sync()
-            self._broadcast(self.version)
-
-    def _resync_restarted(self) -> None:
-        """GeneratorPool hook, run before a dead actor's prompts are re-issued."""
-        with self._sync_lock:
-            if self.generators.needs_sync:  # the main thread may have re-synced it already
-                self.reconnect_weight_sync()
-
-    def sync_weights(self, version: int) -> float:
-        """Learner rank 0 broadcasts bucket by bucket while every generator receives. A generator
-        that died mid-sync is waited for (Ray restarts it); then the group is re-formed and the
-        broadcast repeated. Any other failure is raised."""
-        t0 = time.perf_counter()
-        with self._sync_lock:
-            try:
-                self._broadcast(version)
-            except Exception as e:
-                restarted = self.generators.check_health()
-                if not restarted:
-                    raise
-                print(f"warning: weight sync of version {version} failed ({type(e).__name__}); generators "
-                      f"{restarted} were restarted: re-forming the group", flush=True)
-                self.version = version
-                self.reconnect_weight_sync()
-            self.version = version
-        self.gate.publish(version)
-        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ pieces of one step
 
@@ -217,7 +132,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint / resume
     def driver_state(self, cursor: Dict[str, int]) -> Dict[str, Any]:
-        return {"step": self.step, "version": self.version, "cursor": cursor, "gate": self.gate.state_dict(),
+        return {"step": self.step, "version": self.weight_sync.version, "cursor": cursor, "gate": self.gate.state_dict(),
                 "guard": self.guard.state_dict(), "windows": self.windows.state_dict()}
 
     def start_producer(self) -> None:
@@ -257,7 +172,7 @@ class Trainer:
         log = MetricsLogger(self.run_dir, tr.total_steps, tr.tensorboard, tr.wandb_project, tr.progress_bar,
                             config=to_dict(cfg), start_step=self.step)
         if resumed:
-            log.message(f"resumed from step {self.step} (version {self.version})")
+            log.message(f"resumed from step {self.step} (version {self.weight_sync.version})")
         self.start_producer()
         first_eval: Optional[float] = None
         last_eval: Dict[str, float] = {}
@@ -279,7 +194,7 @@ class Trainer:
                 if not self.survive_learner_loss(lambda: self.train_and_publish(batch, metrics), log):
                     continue  # a learner rank was lost: the group was rebuilt from the last checkpoint
                 self.step += 1
-                metrics["version"] = float(self.version)
+                metrics["version"] = float(self.weight_sync.version)
                 # The step's own time (rollout wait, train, sync); evaluation is timing/eval.
                 metrics["timing/step"] = time.perf_counter() - t_step
                 metrics["perf/tokens_per_s"] = metrics.get("perf/train_tokens", 0.0) / metrics["timing/step"]
@@ -310,7 +225,7 @@ class Trainer:
         finally:
             self.producer.stop(wait=not STOP.requested)  # a signal: never wait for a rollout in flight
             log.close()
-        summary = {"run_dir": self.run_dir, "steps": self.step, "version": self.version,
+        summary = {"run_dir": self.run_dir, "steps": self.step, "version": self.weight_sync.version,
                    "first_eval_accuracy": first_eval, "last_eval_accuracy": last_eval.get("eval/accuracy"),
                    "collapse_events": self.guard.events, "stopped_by_collapse_guard": stopped_by_guard,
                    "rollbacks": self.guard.rollbacks, "windows": self.windows.state_dict(),
@@ -321,11 +236,11 @@ class Trainer:
         return summary
 
     def train_and_publish(self, batch: Any, metrics: Dict[str, float]) -> None:
-        """Train on the batch and broadcast the result: one unit, so a re-sync for a restarted
-        generator never sends half-updated weights."""
-        with self._sync_lock:
+        """Train on the batch, then publish the result: one unit under the weight sync's lock, so a
+        re-sync for a restarted generator never sends half-updated weights."""
+        with self.weight_sync.lock:
             metrics.update(self.train_on(batch))
-            metrics["timing/sync"] = self.sync_weights(self.step + 1)
+            metrics["timing/sync"] = self.weight_sync.publish(self.step + 1)
 
     def survive_learner_loss(self, work: Any, log: Any) -> bool:
         """Run ``work()``; True if it succeeded. False when a learner rank died during it and the
@@ -355,16 +270,6 @@ class Trainer:
             obj = getattr(self, part, None)
             if obj is not None and hasattr(obj, "shutdown"):
                 obj.shutdown()
-
-
-def _raise_if_done(refs: List[Any]) -> None:
-    """A receiver's update cannot end before its sync has started: raise its error (or say so)."""
-    import ray
-
-    done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-    for ref in done:
-        ray.get(ref)  # raises the receiver's error
-        raise RuntimeError("weight sync: a generator finished its update before the sync started")
 
 
 def run(cfg: RootConfig) -> Dict[str, Any]:

@@ -7,11 +7,12 @@ actor answers with ``ActorDiedError`` naming its pid, node and why it died). If 
     1. stops the rollout producer and drops every batch it queued or had in flight (they were
        sampled from weights the new group may not reproduce: the last checkpoint's are older);
     2. kills the rest of the old learner group (surviving ranks may sit in a collective with
-       the dead one) and closes the generators' side of the weight-sync group;
-    3. builds a new learner group from the same model folder and forms a new sync group;
+       the dead one);
+    3. the weight sync closes the generators' side of its group, adopts a new learner group built
+       from the same model folder and forms a new sync group (``WeightSync.reconnect``);
     4. restores the newest complete checkpoint (:func:`~dispo_ray.rollout.checkpointing.restore`:
-       learner files, step, version, data cursor, gate, guard, windows) and broadcasts its
-       weights, so every generator samples from the restored version;
+       learner files, step, data cursor, gate, guard, windows) and broadcasts its weights,
+       publishing its version (``WeightSync.restore``), so every generator samples from it;
     5. starts a new producer at the restored step.
 
 The steps after the checkpoint are redone (at most ``trainer.save_every``); their metrics lines
@@ -85,10 +86,8 @@ def recover_learners(trainer: Any, what: str, log: Any) -> Dict[str, float]:
     log.message(f"WARNING {what} at step {failed_at}: rebuilding the learner group from {path}")
     trainer.producer.stop()
     trainer.learners.kill()
-    trainer.generators.close_weight_sync()
-    trainer.learners = LearnerGroup(trainer.cfg, trainer.model_dir)
+    trainer.learners = trainer.weight_sync.reconnect(lambda: LearnerGroup(trainer.cfg, trainer.model_dir))
     trainer.windows.learners = trainer.learners
-    trainer.connect_weight_sync()
     restore(trainer, path)
     truncate_metrics(trainer.run_dir, trainer.step)
     trainer.learner_restarts += 1

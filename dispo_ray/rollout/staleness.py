@@ -8,51 +8,69 @@ is at least ``s - k``, and a generator never runs weights older than those publi
 request was issued, every sample satisfies ``0 <= s - v <= k`` by construction; nothing is dropped
 after the fact (dropping stale samples biases towards short answers, which finish first).
 ``k = 0`` makes the loop synchronous and exactly on-policy.
+
+The gate owns no version: it reads the published one from a :class:`VersionSource` (the weight
+sync's owner, :class:`dispo_ray.sync.coordinator.WeightSync`), which calls the gate's
+:meth:`StalenessGate.notify` after every publish, so waiting rollouts re-check admission then.
 """
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Protocol
 
 
 class StalenessViolation(RuntimeError):
     pass
 
 
-class StalenessGate:
-    def __init__(self, max_staleness: int, version: int = 0):
-        if max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
-        self.k = max_staleness
-        self._version = version
-        self._cond = threading.Condition()
-        self._closed = False
-        self.histogram: Counter = Counter()  # staleness -> number of trained samples
+class VersionSource(Protocol):
+    """Where the gate reads the published version (AReaL's ``VersionProvider``, with a wake-up)."""
 
     @property
     def version(self) -> int:
-        with self._cond:
-            return self._version
+        """The published version: what the generators hold."""
+
+    def watch(self, notify: Callable[[], None]) -> None:
+        """Call ``notify()`` after every change of ``version``."""
+
+    def unwatch(self, notify: Callable[[], None]) -> None:
+        """Stop calling ``notify``."""
+
+
+class StalenessGate:
+    def __init__(self, max_staleness: int, versions: VersionSource):
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.k = max_staleness
+        self._versions = versions
+        self._cond = threading.Condition()
+        self._closed = False
+        self.histogram: Counter = Counter()  # staleness -> number of trained samples
+        versions.watch(self.notify)
+
+    @property
+    def version(self) -> int:
+        """The published version, as the source reports it now."""
+        return self._versions.version
 
     def admissible(self, step: int) -> bool:
-        with self._cond:
-            return step - self._version <= self.k
+        return step - self.version <= self.k
 
     def wait_admissible(self, step: int, timeout: Optional[float] = None) -> bool:
         """Block until rollouts for ``step`` may start; False if closed or timed out."""
         with self._cond:
-            ok = self._cond.wait_for(lambda: self._closed or step - self._version <= self.k, timeout)
+            ok = self._cond.wait_for(lambda: self._closed or step - self.version <= self.k, timeout)
             return bool(ok) and not self._closed
 
-    def publish(self, version: int) -> None:
+    def notify(self) -> None:
+        """The source published a version: waiters re-check admission."""
         with self._cond:
-            if version < self._version:
-                raise ValueError(f"versions only grow: {version} < {self._version}")
-            self._version = version
             self._cond.notify_all()
 
     def close(self) -> None:
+        """Release every waiter for good (the producer stops) and stop listening to the source."""
+        self._versions.unwatch(self.notify)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -72,8 +90,9 @@ class StalenessGate:
         return out
 
     def state_dict(self) -> Dict:
+        """The histogram, and the version for the record (a restore takes the version from the
+        checkpoint's driver state through the weight sync, never from here)."""
         return {"version": self.version, "histogram": dict(self.histogram)}
 
     def load_state_dict(self, state: Dict) -> None:
-        self.publish(int(state["version"]))
         self.histogram = Counter({int(k): v for k, v in state["histogram"].items()})

@@ -97,6 +97,11 @@ class SyncSender:
         self.version, self._next, self.bytes_sent, self._t0 = -1, 0, 0, 0.0
         self._in_flight: Deque[Tuple[Any, torch.Tensor, int]] = collections.deque()  # (handle, buffer, bucket)
 
+    @property
+    def in_flight(self) -> int:
+        """Broadcasts started and not yet completed."""
+        return len(self._in_flight)
+
     def begin(self, version: int) -> None:
         self.version, self._next, self.bytes_sent = version, 0, 0
         self._in_flight.clear()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -91,7 +91,7 @@ def run_with_deadline(fn: Callable[[], Any], seconds: float, what: str) -> Any:
     return box.get("value")
 
 
-class _NcclWork:
+class NcclWork:
     """Handle of one enqueued NCCL collective: the event recorded on the comm stream after it."""
 
     def __init__(self, event: Any):
@@ -118,9 +118,11 @@ class WeightSyncGroup:
 
     def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int,
                  timeout_s: float = 120.0, device: Optional[torch.device] = None,
-                 join_timeout_s: Optional[float] = None):
+                 join_timeout_s: Optional[float] = None, join: bool = True):
         """``timeout_s`` bounds every collective wait; ``join_timeout_s`` (default: the same)
-        bounds formation as a whole, including waiting for every rank to arrive."""
+        bounds formation as a whole, including waiting for every rank to arrive. ``join=False``
+        builds this rank's state without forming the group: nothing is connected, collectives fail,
+        and :meth:`wait` on a handle works as on a formed group (the NCCL wait logic's tests)."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
         self.backend, self.rank, self.world_size, self.timeout_s = backend, rank, world_size, timeout_s
@@ -137,7 +139,11 @@ class WeightSyncGroup:
             from dispo_ray.infra.devices import assigned_cuda_index
             device = torch.device(device) if device is not None else torch.device("cuda", assigned_cuda_index())
             # an explicit index: tensors report one, and device equality decides zero-copy paths
-            self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            self.device = device
+        if not join:
+            return
         join_s = float(join_timeout_s if join_timeout_s is not None else timeout_s)
         try:
             run_with_deadline(lambda: self._form(host, port, join_s), join_s, "joining the group")
@@ -192,6 +198,11 @@ class WeightSyncGroup:
             buf = self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return buf
 
+    def staging_slots(self) -> Dict[Any, int]:
+        """Bytes of each persistent staging buffer kept across syncs, by slot (0.. for the sender's
+        pack buffers, ``"host"`` and ``"recv piece i"`` for a receiver's)."""
+        return {slot: buf.numel() for slot, buf in self._staging.items()}
+
     def host_staging(self, nbytes: int) -> torch.Tensor:
         """The one persistent host buffer (at least ``nbytes``) that a receiver reassembles tensors
         larger than a bucket in when its device has no room for them (see
@@ -219,7 +230,7 @@ class WeightSyncGroup:
             raise WeightSyncError(f"weight sync group on {self.peer} is unusable ({self._broken}); re-form it")
 
     # ------------------------------------------------------------------ collectives
-    def _enqueue(self, tensor: torch.Tensor, op: Callable[[Any], None]) -> _NcclWork:
+    def _enqueue(self, tensor: torch.Tensor, op: Callable[[Any], None]) -> NcclWork:
         self._usable()
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the bytes exist first
         # the allocator must not hand this memory out again before NCCL is done with it, even
@@ -228,7 +239,7 @@ class WeightSyncGroup:
         op(self._stream)
         event = torch.cuda.Event()
         event.record(self._stream)
-        return _NcclWork(event)
+        return NcclWork(event)
 
     def broadcast_async(self, tensor: torch.Tensor, src: int = 0) -> Any:
         """Start a broadcast; finish it with :meth:`wait` (which waits for this one only)."""
@@ -333,6 +344,11 @@ class SyncGate:
         self.receivers, self.seq = receivers, 0
         self._store = torch.distributed.TCPStore(host, port, is_master=False, wait_for_workers=False,
                                                  timeout=timedelta(seconds=timeout_s), use_libuv=False)
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """(host, port) of the store this gate is a client of: the group's rendezvous."""
+        return self._store.host, self._store.port
 
     def wait_ready(self, failed: Optional[Callable[[], None]] = None) -> int:
         """Block (no deadline) until every receiver is ready for the next sync; its number."""

@@ -24,6 +24,7 @@ from dispo_ray.data.records import PromptRecord
 from dispo_ray.infra.placement import PIN_AMOUNT
 from dispo_ray.tiny.model import build_tiny_model, vocab
 from dispo_ray.sync.protocol import WeightSyncGroup, find_free_port, make_manifest, send_weights
+from dispo_ray.sync.settings import SyncSettings
 
 TOL = 1e-3
 PROMPTS = ["12+7=", "3-45=", "9*9=", "70+1="]
@@ -82,7 +83,7 @@ def broadcast(pool, state, version, bucket_bytes=64 * 1024):
     manifest = make_manifest(state.items())
     port = find_free_port()
     world = pool.sync_world_size()
-    refs = pool.init_weight_sync("127.0.0.1", port, manifest, bucket_bytes, timeout_s=120)
+    refs = pool.init_weight_sync(SyncSettings("127.0.0.1", port, world, manifest, bucket_bytes, timeout_s=120))
     group = WeightSyncGroup("gloo", "127.0.0.1", port, 0, world, timeout_s=120)
     import ray
     ray.get(refs)
@@ -92,6 +93,14 @@ def broadcast(pool, state, version, bucket_bytes=64 * 1024):
     pool.close_weight_sync()
     group.close()
     return got
+
+
+class _Owner:
+    """The pool's sync owner, as :class:`dispo_ray.sync.coordinator.WeightSync` is one: the published
+    version, and a re-sync that forms the group and sends it."""
+
+    def __init__(self, version, resync):
+        self.version, self.resync_restarted = version, resync
 
 
 # ---------------------------------------------------------------------------------------- vLLM
@@ -224,13 +233,14 @@ def test_hf_broadcast_then_dead_actor_is_restarted_and_reissued(setup, hf_pool):
     assert hf_pool.incarnations[0] != before[0] and hf_pool.incarnations[1] == before[1]
     assert hf_pool.versions() == [0, 5]
 
-    # with the driver's hook, the group is re-formed and the current weights re-sent first
-    hf_pool.before_reissue = lambda: broadcast(hf_pool, zero_norm(models["a"]), version=6)
+    # with a sync owner attached (the driver's WeightSync), the pool asks it to re-form the group
+    # and re-send the published version first
+    hf_pool.weight_sync = _Owner(6, lambda: broadcast(hf_pool, zero_norm(models["a"]), version=6))
     try:
         ray.kill(hf_pool.actors[0], no_restart=False)
         samples = hf_pool.generate(records, 2)
     finally:
-        hf_pool.before_reissue = None
+        hf_pool.weight_sync = None
     # actor 1's chunk was drawn at version 5 before the failure surfaced; the re-issued chunk at 6
     assert [s.version for s in samples] == [6] * 4 + [5] * 4
     assert [s.prompt_uid for s in samples] == [r.uid for r in records for _ in range(2)]

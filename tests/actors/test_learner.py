@@ -256,6 +256,7 @@ def test_hf_export_loads_and_gives_identical_logits(ray_cluster, data, tmp_path)
 def test_weight_sync_sends_zero3_weights_in_buckets_and_fails_on_dead_peer(ray_cluster):
     import ray
     from dispo_ray.sync.protocol import WeightSyncError, plan_buckets
+    from dispo_ray.sync.settings import SyncSettings
 
     @ray.remote(num_cpus=0.1)
     class Receiver:
@@ -275,7 +276,7 @@ def test_weight_sync_sends_zero3_weights_in_buckets_and_fails_on_dead_peer(ray_c
     host, port = group.weight_sync_endpoint()
     rx = Receiver.remote()
     join = rx.join.remote(host, port)
-    group.init_weight_sync(host, port, 2)
+    group.init_weight_sync(SyncSettings(host, port, 2, manifest, 1 << 20, group.cfg.learner.sync_timeout_s))
     ray.get(join)
     recv = rx.receive.remote(manifest, 1 << 20)
     stats = group.broadcast_weights(7)

@@ -9,7 +9,7 @@
 # extras (vllm==0.32.0, the CUDA build at the CPU build's version; ray, deepspeed, transformers as
 # pyproject.toml pins them). Then runs tests/gpu and prints one line per check:
 #   (a) one GPU: NCCL sender + CUDA receiver in two processes, bit-exact, GB/s
-#   (b) two GPUs: learner group + vLLM pool through Trainer.sync_weights, bf16 log-probs agree
+#   (b) two GPUs: learner group + vLLM pool through WeightSync.publish, bf16 log-probs agree
 #   (c) three GPUs: the same with tensor_parallel_size=2
 #   (d) one GPU: a receiver SIGKILLed mid-sync, the sender raises in time, a re-formed group works
 #   (f) one GPU: host-staging cost of Qwen2.5-7B-shaped syncs for several bucket sizes

@@ -20,6 +20,7 @@ from dispo_ray.infra.config import compose
 from dispo_ray.data.records import PromptRecord
 from dispo_ray.tiny.model import build_tiny_model, vocab
 from dispo_ray.sync.protocol import WeightSyncGroup, find_free_port, make_manifest, send_weights
+from dispo_ray.sync.settings import SyncSettings
 
 pytestmark = pytest.mark.gpu
 TOL = 2e-3  # float32 on GPU: TF32 / kernel differences
@@ -72,7 +73,7 @@ def _run(cfg, path, model, recs, sync_backend):
         manifest = make_manifest(state.items())
         port = find_free_port()
         world = pool.sync_world_size()
-        refs = pool.init_weight_sync("127.0.0.1", port, manifest, 1 << 20, 120, sync_backend)
+        refs = pool.init_weight_sync(SyncSettings("127.0.0.1", port, world, manifest, 1 << 20, 120, sync_backend))
         group = WeightSyncGroup(sync_backend, "127.0.0.1", port, 0, world, 120)
         ray.get(refs)
         upd = pool.update_weights()

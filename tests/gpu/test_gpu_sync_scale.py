@@ -210,6 +210,7 @@ def check_g(tmp_path, device: str = "cuda", spec: dict = QWEN25_0P5B, syncs: int
 
     from actors.learner_group import LearnerGroup
     from dispo_ray.infra.config import compose
+    from dispo_ray.sync.settings import SyncSettings
 
     _env("dispo-sender", device)  # the learner's process (in the GPU kit, this one)
     path = str(tmp_path / "qwen2-shaped")
@@ -235,7 +236,8 @@ def check_g(tmp_path, device: str = "cuda", spec: dict = QWEN25_0P5B, syncs: int
         q = CTX.Queue()
         proc = CTX.Process(target=_g_receiver, args=(host, port, manifest, bucket_bytes, syncs, device, q))
         proc.start()
-        ray.get(group.init_weight_sync(host, port, 2, wait=False, backend=_backend(device)), timeout=600)
+        settings = SyncSettings(host, port, 2, manifest, bucket_bytes, cfg.learner.sync_timeout_s, _backend(device))
+        ray.get(group.init_weight_sync(settings, wait=False), timeout=600)
         stats = [group.broadcast_weights(v) for v in range(1, syncs + 1)]
         proc.join(timeout=300)
         out = []

@@ -1,7 +1,7 @@
 """NCCL weight sync as the training loop runs it, checks (b) and (c) of ``tests/gpu/run.sh``: a
-one-GPU DeepSpeed learner group and a vLLM (CUDA) generator pool joined by
-``Trainer.connect_weight_sync``, bf16 on both sides; after a training step and ``sync_weights``
-the engine's sampled-token log-probs equal the learner's within bf16 tolerance.
+one-GPU DeepSpeed learner group and a vLLM (CUDA) generator pool joined by a
+:class:`dispo_ray.sync.coordinator.WeightSync`, bf16 on both sides; after a training step and
+``WeightSync.publish`` the engine's sampled-token log-probs equal the learner's within bf16 tolerance.
 
 (b) two GPUs: generator tensor_parallel_size=1; (c) three GPUs: tensor_parallel_size=2 (every TP
 worker is a rank of the sync group and loads its own shard).
@@ -36,7 +36,7 @@ def test_trainer_sync_over_nccl_in_bf16_matches_learner_logprobs(ray_cluster, tm
     from dispo_ray.infra.devices import sync_backend
     from dispo_ray.rollout.samples import collate
     from dispo_ray.tiny.model import build_tiny_model
-    from sync_trainer import records, sync_trainer
+    from sync_pools import connected_sync, records
     from test_gpu_learner import _batch
 
     cfg = compose(["generator.backend=vllm", f"generator.tensor_parallel_size={tp}",
@@ -46,22 +46,19 @@ def test_trainer_sync_over_nccl_in_bf16_matches_learner_logprobs(ray_cluster, tm
                    "model.dtype=bfloat16", f"model.cache_dir={tmp_path}", "generator.max_new_tokens=16"])
     assert sync_backend(cfg) == "nccl"
     path = build_tiny_model(cfg.model)
-    trainer = sync_trainer(cfg, path)
-    try:
-        before = ray.get(trainer.generators.actors[0].param_sums.remote())
-        trainer.learners.train_step(_batch(8, 8, 8, 40))  # weights now differ from the engine's
-        trainer.sync_weights(1)
-        after = ray.get(trainer.generators.actors[0].param_sums.remote())
+    with connected_sync(cfg, path) as sync:
+        before = ray.get(sync.generators.actors[0].param_sums.remote())
+        sync.learners.train_step(_batch(8, 8, 8, 40))  # weights now differ from the engine's
+        sync.publish(1)
+        after = ray.get(sync.generators.actors[0].param_sums.remote())
         assert any(before[n] != after[n] for n in before)  # the broadcast landed
-        samples = trainer.generators.generate(records(path, ["12+7=", "3-45=", "9+9=", "40-1="]), 4)
+        samples = sync.generators.generate(records(path, ["12+7=", "3-45=", "9+9=", "40-1="]), 4)
         assert {s.version for s in samples} == {1}
         from transformers import AutoTokenizer
         batch = collate(samples, pad_token_id=AutoTokenizer.from_pretrained(path).pad_token_id)
-        learner_lp = trainer.learners.compute_log_probs(batch)
+        learner_lp = sync.learners.compute_log_probs(batch)
         mask = batch["response_mask"].bool()
         diff = (learner_lp[mask] - batch["old_log_probs"][mask]).abs()
         print(f"\n({'b' if tp == 1 else 'c'}) NCCL sync, TP {tp}, bf16: |engine - learner| log-prob "
               f"max {diff.max():.3e}, mean {diff.mean():.3e} over {int(mask.sum())} tokens")
         assert diff.max() < ABS_TOL and diff.mean() < MEAN_TOL
-    finally:
-        trainer.shutdown()

@@ -1,11 +1,14 @@
 """A local run keeps its doors closed (docs/security.md), checked with real sockets on a real local
 Ray (the session's ``ray.init``, as ``make run`` starts it) and a real weight-sync group (a DeepSpeed
-learner and an ``hf`` generator actor joined by ``Trainer.connect_weight_sync``, as the loop does):
+learner and an ``hf`` generator actor joined by a :class:`dispo_ray.sync.coordinator.WeightSync`, as
+the loop does):
 
 * Ray's token authentication is on: a client without the token, or with a wrong one, is refused by
   GCS; the same call with the local token succeeds.
 * Everything the sync group opened listens on loopback only: its store port answers on 127.0.0.1
   and refuses a connection on this machine's non-loopback address (``ip -4 addr``).
+* The DeepSpeed learner world's own rendezvous store does too (``actors/learner.py`` builds it on the
+  sync transport's bound socket, ``dispo_ray.sync.net.bound_store``).
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 
 import psutil
 import pytest
@@ -53,27 +55,26 @@ def _reachable(host: str, port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def sync_run(ray_cluster, tmp_path_factory):
-    """Pools up, listening sockets of their processes recorded, then the sync group formed."""
+    """Pools up, listening sockets of their processes recorded (learner rank 0 first), then the
+    sync group formed by the weight sync's owner."""
     from actors.generator import GeneratorPool
     from actors.learner_group import LearnerGroup
+    from dispo_ray.sync.coordinator import WeightSync
     from dispo_ray.tiny.model import build_tiny_model
-    from dispo_ray.rollout.driver import Trainer
-    from dispo_ray.rollout.staleness import StalenessGate
 
     cfg = compose(["generator.backend=hf", f"model.cache_dir={tmp_path_factory.mktemp('model')}",
                    "learner.num_actors=1", "generator.num_actors=1", "learner.sync_bucket_mb=1"])
     path = build_tiny_model(cfg.model)
-    t = Trainer.__new__(Trainer)  # the sync path only, as tests/sync_trainer.py
-    t.cfg, t.step, t.version, t._sync_lock = cfg, 0, 0, threading.RLock()
-    t.gate = StalenessGate(0, version=0)
-    t.generators, t.learners = GeneratorPool(cfg, path), LearnerGroup(cfg, path)
+    generators, learners = GeneratorPool(cfg, path), LearnerGroup(cfg, path)
     try:
-        pids = call_on(t.learners.actors[:1] + t.generators.actors, lambda _: os.getpid())
+        sync = WeightSync(cfg, learners, generators)
+        pids = call_on(learners.actors[:1] + generators.actors, lambda _: os.getpid())
         before = _listening(pids)
-        t.connect_weight_sync()
-        yield t, pids, before, _listening(pids)
+        sync.connect()
+        yield sync, pids, before, _listening(pids)
     finally:
-        t.shutdown()
+        generators.shutdown()
+        learners.shutdown()
 
 
 def test_local_ray_refuses_a_client_without_the_token(ray_cluster, tmp_path):
@@ -100,23 +101,35 @@ def test_local_ray_refuses_a_client_without_the_token(ray_cluster, tmp_path):
 
 
 def test_weight_sync_ports_listen_on_loopback_only(sync_run):
-    trainer, pids, before, after = sync_run
-    store = trainer._sync_gate._store
-    assert store.host == "127.0.0.1"  # the driver's gate dials rank 0's host: loopback in a local run
+    sync, pids, before, after = sync_run
+    host, store_port = sync.readiness.address
+    assert host == "127.0.0.1"  # the driver's gate dials rank 0's host: loopback in a local run
+    assert (sync.settings.host, sync.settings.port) == (host, store_port)
     opened = after - before
     ports = {port for _, _, port in opened}
-    assert store.port in ports, (store.port, sorted(opened))  # the rendezvous itself
+    assert store_port in ports, (store_port, sorted(opened))  # the rendezvous itself
     assert len(opened) >= 2, sorted(opened)  # and the gloo device of each rank
     wide = sorted(s for s in opened if not _loopback(s[1]))
     assert not wide, f"listening beyond loopback (pid, address, port): {wide}"
     # real connections: the store answers on loopback, and refuses on this machine's other address
     other = _non_loopback_ipv4()
-    assert _reachable("127.0.0.1", store.port)
+    assert _reachable("127.0.0.1", store_port)
     for _, _, port in sorted(opened):
         assert not _reachable(other, port), f"port {port} answers on {other}"
     # the group still works over loopback
-    trainer.sync_weights(1)
-    assert trainer.generators.versions() == [1]
+    sync.publish(1)
+    assert sync.generators.versions() == [1]
+
+
+def test_learner_world_rendezvous_listens_on_loopback_only(sync_run):
+    sync, pids, before, _ = sync_run
+    host, port = sync.learners.master  # rank 0's answer, published to every learner rank
+    assert host == "127.0.0.1"
+    rank0 = {(ip, p) for pid, ip, p in before if pid == pids[0]}
+    store = sorted(ip for ip, p in rank0 if p == port)
+    assert store, (port, sorted(rank0))  # learner rank 0 hosts the world's store while the world lives
+    assert all(_loopback(ip) for ip in store), f"the learner world's store listens on {store}"
+    assert _reachable("127.0.0.1", port) and not _reachable(_non_loopback_ipv4(), port)
 
 
 def test_nothing_in_the_project_switches_ray_auth_off():

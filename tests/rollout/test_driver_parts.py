@@ -19,27 +19,47 @@ from dispo_ray.rollout.staleness import StalenessGate, StalenessViolation
 from dispo_ray.algorithm.text_metrics import is_repetitive, repetition_rate, tail_repeats
 
 
+class _Published:
+    """A version source the way the weight sync is one (``version``, ``watch``), without actors."""
+
+    def __init__(self, version: int = 0):
+        self.version, self.watchers = version, []
+
+    def watch(self, notify):
+        self.watchers.append(notify)
+
+    def unwatch(self, notify):
+        self.watchers.remove(notify)
+
+    def publish(self, version: int):
+        self.version = version
+        for notify in self.watchers:
+            notify()
+
+
 def test_gate_admits_by_version_and_blocks_until_publish():
-    gate = StalenessGate(max_staleness=1, version=0)
+    versions = _Published(0)
+    gate = StalenessGate(max_staleness=1, versions=versions)  # owns no version: reads the source's
     assert gate.admissible(0) and gate.admissible(1) and not gate.admissible(2)
     released = []
     t = threading.Thread(target=lambda: released.append(gate.wait_admissible(2, timeout=10)))
     t.start()
     time.sleep(0.2)
     assert not released  # still blocked: step 2 needs version >= 1
-    gate.publish(1)
+    versions.publish(1)
     t.join(timeout=5)
-    assert released == [True]
+    assert released == [True] and gate.version == 1
     gate.close()
     assert gate.wait_admissible(10, timeout=1) is False
+    assert versions.watchers == []  # a closed gate stops listening
 
 
 def test_gate_k0_is_on_policy_and_violations_raise():
-    gate = StalenessGate(max_staleness=0)
+    gate = StalenessGate(max_staleness=0, versions=_Published())
     assert gate.check_and_record(0, [0, 0, 0])["staleness/max"] == 0
     with pytest.raises(StalenessViolation, match="step 3"):
         gate.check_and_record(3, [3, 2])
-    gate2 = StalenessGate(max_staleness=2)
+    gate2 = StalenessGate(max_staleness=2, versions=_Published())
     m = gate2.check_and_record(5, [5, 4, 3, 3])
     assert m["staleness/mean"] == pytest.approx(1.25) and m["staleness/frac_2"] == pytest.approx(0.5)
     with pytest.raises(StalenessViolation):

@@ -120,8 +120,8 @@ def test_successive_syncs_reuse_staging_without_stale_bytes():
         send_weights(group, make_manifest(ts.items()), ts, 4096, version=v)
     got = [_get(q, timeout=60) for _ in sent]
     proc.join(timeout=30)
-    staging = group._staging
-    assert set(staging) == {0, 1} and all(b.numel() <= 4096 for b in staging.values())
+    staging = group.staging_slots()
+    assert set(staging) == {0, 1} and all(n <= 4096 for n in staging.values())
     for version, out in got:
         for k, t in sent[version].items():
             assert torch.equal(out[k], t), (version, k)
@@ -148,7 +148,7 @@ def test_unstable_sender_puts_each_unpacked_tensor_on_the_wire_before_returning(
         tensors = [ts[p.name] for p in bucket]
         sender.send_bucket(tensors)
         if len(bucket) == 1:
-            assert not sender._in_flight  # finished, not just started
+            assert sender.in_flight == 0  # finished, not just started
         for t in tensors:
             t.fill_(0)
     sender.end()
@@ -251,13 +251,10 @@ class _Event:
 
 
 def test_nccl_handle_waits_for_its_own_collective_only_and_a_timeout_breaks_the_group():
-    import threading
-
-    from dispo_ray.sync.transport import _NcclWork
-    g = WeightSyncGroup.__new__(WeightSyncGroup)  # the NCCL wait logic without a GPU
-    g.backend, g.timeout_s, g.peer, g.device = "nccl", 0.3, "rank 0/2", torch.device("cpu")
-    g._broken, g._lock, g._comm, g._pg, g._store, g._staging = None, threading.Lock(), None, None, None, {}
-    first, later = _NcclWork(_Event(True)), _NcclWork(_Event(False))  # bucket k done, k+1 still running
+    from dispo_ray.sync.transport import NcclWork
+    # the NCCL wait logic without a GPU: an nccl rank that never joined, waiting on handles
+    g = WeightSyncGroup("nccl", "127.0.0.1", 0, 0, 2, timeout_s=0.3, device=torch.device("cpu"), join=False)
+    first, later = NcclWork(_Event(True)), NcclWork(_Event(False))  # bucket k done, k+1 still running
     t0 = time.monotonic()
     g.wait(first, "bucket 0")
     assert time.monotonic() - t0 < 0.1
