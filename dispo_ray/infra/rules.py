@@ -102,17 +102,17 @@ def _nullable(f: dataclasses.Field) -> bool:
     return str(f.type).startswith("Optional")
 
 
-def _rules(section: Any, prefix: str) -> Iterator[Tuple[str, Any, Optional[Rule], bool, Any]]:
-    """(key, value, rule, nullable, sub-section or None) for each field, in schema order."""
+def _rules(section: Any, prefix: str) -> Iterator[Tuple[str, Any, Optional[Rule], bool, Any, str]]:
+    """(key, value, rule, nullable, sub-section or None, type) for each field, in schema order."""
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         sub = value if dataclasses.is_dataclass(value) else None
-        yield prefix + f.name, value, f.metadata.get("rule"), _nullable(f), sub
+        yield prefix + f.name, value, f.metadata.get("rule"), _nullable(f), sub, str(f.type)
 
 
 def check_section(section: Any, prefix: str = "") -> None:
     """Every field rule of ``section`` and its sub-sections, then each section's own ``check``."""
-    for key_, value, rule, nullable, sub in _rules(section, prefix):
+    for key_, value, rule, nullable, sub, _type in _rules(section, prefix):
         if sub is not None:
             check_section(sub, key_ + ".")
         elif rule is not None:
@@ -123,14 +123,26 @@ def check_section(section: Any, prefix: str = "") -> None:
 
 def reference(root: Any, prefix: str = "") -> List[Tuple[str, Any, str]]:
     """``(key, value in root, allowed)`` for every key: with ``root`` the composed default config,
-    the rows of the configuration reference (see :func:`reference_table`)."""
+    the rows of the configuration reference (see :func:`reference_table`). A key without a rule of
+    its own shows its type (any rule tying it to other keys is in a section's ``check`` or in
+    :func:`dispo_ray.infra.validation.validate`)."""
     rows: List[Tuple[str, Any, str]] = []
-    for key_, value, rule, nullable, sub in _rules(root, prefix):
+    for key_, value, rule, nullable, sub, type_ in _rules(root, prefix):
         if sub is not None:
             rows.extend(reference(sub, key_ + "."))
         else:
-            rows.append((key_, value, allowed(rule, nullable) if rule else ""))
+            rows.append((key_, value, allowed(rule, nullable) if rule else _type_text(type_)))
     return rows
+
+
+def _type_text(type_: str) -> str:
+    """``Optional[List[str]]`` -> ``a list of str, or null``: what the schema's type admits."""
+    nullable = type_.startswith("Optional[")
+    inner = type_[len("Optional["):-1] if nullable else type_
+    inner = {"bool": "true or false", "float": "a number", "int": "an integer", "str": "a string",
+             "List[str]": "a list of strings", "List[float]": "a list of numbers",
+             "Dict[str, Any]": "a mapping"}.get(inner, inner)
+    return inner + (", or null" if nullable else "")
 
 
 def reference_table(root: Any) -> str:
