@@ -178,6 +178,7 @@ class LearnerWorker(LearnerSyncMixin):
         self.ds_overrides = ds_config_overrides or {}
         self.engine = None
         self.sync_group = None
+        self.windows_used: Optional[Dict[str, float]] = None  # DISPO windows of the latest train_step
         from dispo_ray.infra.devices import sync_backend, uses_cuda
         self._sync_backend = sync_backend(cfg)  # until the driver passes its decision
         # What Ray granted decides the device, never what the process sees: Ray leaves
@@ -284,10 +285,15 @@ class LearnerWorker(LearnerSyncMixin):
         return out
 
     def train_step(self, shards: Sequence[Dict[str, torch.Tensor]], global_tokens: Sequence[float],
-                   global_seqs: Sequence[float]) -> Dict[str, Any]:
-        """One optimizer step per shard (= this rank's part of one mini-batch). Returns raw sums
+                   global_seqs: Sequence[float], windows: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+        """One optimizer step per shard (= this rank's part of one mini-batch). ``windows``: DISPO's
+        clip windows this batch trains with, passed to the loss (None: the configured
+        ``algorithm.eps_*``; :func:`dispo_ray.algorithm.windows.resolve`); the config is never
+        written, and ``windows_used`` tells what the latest step's loss read. Returns raw sums
         (loss, registry metrics, mismatch) that the group merges over ranks."""
+        from dispo_ray.algorithm.windows import resolve
         l, algo = self.cfg.learner, self.cfg.algorithm
+        self.windows_used = windows = resolve(algo, windows)
         if len(shards) != len(global_tokens) or len(shards) != len(global_seqs):
             raise ValueError("train_step: shards, global_tokens and global_seqs differ in length")
         is_w: List[Optional[torch.Tensor]] = [None] * len(shards)
@@ -315,7 +321,7 @@ class LearnerWorker(LearnerSyncMixin):
                     log_probs=lp, old_log_probs=mb["old_log_probs"], advantages=mb["advantages"],
                     response_mask=mb["response_mask"], config=algo, loss_agg_mode=algo.loss_agg_mode,
                     global_tokens=float(global_tokens[m]), global_seqs=float(global_seqs[m]),
-                    entropy=ent, correct=mb["correct"], is_weights=mb.get("is_weights"))
+                    entropy=ent, correct=mb["correct"], is_weights=mb.get("is_weights"), windows=windows)
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                 norm = self._stage0_grad_norm() if k == len(starts) - 1 else None
                 self.engine.step()
@@ -327,17 +333,6 @@ class LearnerWorker(LearnerSyncMixin):
             out["lr"].append(lr)
         out["raw"] = merge_raw_metrics(*raws)
         return out
-
-    def set_loss_windows(self, windows: Dict[str, float]) -> Dict[str, float]:
-        """Replace DISPO's clip windows (``algorithm.eps_*``) for the following ``train_step``
-        calls; only :class:`dispo_ray.algorithm.windows.LossWindows` calls this. Returns the windows now in force."""
-        from dispo_ray.algorithm.windows import WINDOW_KEYS
-        unknown = sorted(set(windows) - set(WINDOW_KEYS))
-        if unknown:
-            raise KeyError(f"set_loss_windows: not a DISPO window: {unknown}")
-        for k, v in windows.items():
-            setattr(self.cfg.algorithm, k, float(v))
-        return {k: float(getattr(self.cfg.algorithm, k)) for k in WINDOW_KEYS}
 
     def _stage0_grad_norm(self) -> Optional[float]:
         """Without ZeRO DeepSpeed does not record the norm; the grads are reduced by now."""

@@ -90,14 +90,19 @@ class LearnerGroup:
         return int(batch["input_ids"].shape[0])
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """``mini_batches`` optimizer steps on a collated batch; returns merged metrics."""
+    def train_step(self, batch: Dict[str, torch.Tensor],
+                   windows: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """``mini_batches`` optimizer steps on a collated batch; returns merged metrics. ``windows``:
+        DISPO's clip windows in force for this batch (the driver's; None: the configured ones),
+        sent to every rank with its shards (:mod:`dispo_ray.algorithm.windows`)."""
+        from dispo_ray.algorithm.windows import resolve
         B, M, W = self._check_batch(batch), self.cfg.learner.mini_batches, self.world_size
+        windows = resolve(self.cfg.algorithm, windows)  # an unknown key fails here, in the driver
         if B % (M * W):
             raise ValueError(f"train_step: batch of {B} samples is not divisible by learner.mini_batches"
                              f" * learner.num_actors = {M} * {W}")
         batch = {k: batch[k] for k in _BATCH_KEYS}
-        per_rank: List[List[Any]] = [[[], [], []] for _ in range(W)]
+        per_rank: List[List[Any]] = [[[], [], [], windows] for _ in range(W)]
         size = B // M
         for m in range(M):
             mini = {k: v[m * size:(m + 1) * size] for k, v in batch.items()}
@@ -133,10 +138,6 @@ class LearnerGroup:
                                                          for r in range(W)])
         T = batch["input_ids"].shape[1]
         return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1])) for p in parts])[:B]
-
-    def set_loss_windows(self, windows: Dict[str, float]) -> Dict[str, float]:
-        """DISPO's clip windows for the next steps, on every rank (see :mod:`dispo_ray.algorithm.windows`)."""
-        return self._all("set_loss_windows", dict(windows))[0]
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self, path: str) -> str:

@@ -1,10 +1,10 @@
 """Adaptive windows (``algorithm.adaptive_windows``): keep DISPO's collapse signals in their bands
 by moving each of the four windows between its configured value and ``algorithm.window_max``.
 
-Which window moves for which signal follows the paper's four regimes (../shared/PAPER.md):
-
-    incorrect, w > 1 clipped too tightly -> repetition collapse; incorrect, w < 1 too tightly ->
-    length collapse; correct, w > 1 raises entropy, correct, w < 1 lowers it.
+Which window moves for which signal follows the paper's four regimes: :data:`RULES` is derived
+from the regime table :data:`dispo_ray.algorithm.regimes.REGIMES` (each regime's window, its
+``steer_metric`` and its band ``steer_limit``; why the entropy is that of correct responses here
+and the mean token entropy in the collapse guard is said there).
 
 Control law, once per step s, from the step's metrics (rollout metrics of the batch trained at s,
 learner metrics of that update); ``widen`` is :func:`dispo_ray.algorithm.windows.widen` with
@@ -46,15 +46,16 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Mapping, Tuple
 
-from dispo_ray.algorithm.windows import REGIME_OF_WINDOW, widen
+from dispo_ray.algorithm.regimes import BY_WINDOW, REGIMES, Regime
+from dispo_ray.algorithm.windows import widen
 
-# window -> (metric, out of band?)
-RULES: Dict[str, Tuple[str, Callable[[float, Any], bool]]] = {
-    "eps_high_neg": ("rollout/repetition", lambda v, c: v > c.repetition_max),
-    "eps_low_neg": ("rollout/response_length", lambda v, c: v < c.length_min),
-    "eps_high_pos": ("actor/entropy_correct", lambda v, c: v < c.entropy_correct_min),
-    "eps_low_pos": ("actor/entropy_correct", lambda v, c: v > c.entropy_correct_max),
-}
+
+def _rule(r: Regime) -> Tuple[str, Callable[[float, Any], bool]]:
+    return r.steer_metric, lambda v, c: r.out_of_band(v, getattr(c, r.steer_limit))
+
+
+# window -> (metric, out of band? given the value and algorithm.adaptive_windows)
+RULES: Dict[str, Tuple[str, Callable[[float, Any], bool]]] = {r.window: _rule(r) for r in REGIMES}
 
 
 def _value(metrics: Mapping[str, float], key: str):
@@ -71,7 +72,7 @@ class AdaptiveWindows:
         out = dict(current)
         for key, (metric, out_of_band) in RULES.items():
             signal = _value(metrics, metric)
-            clip = _value(metrics, f"regime/{REGIME_OF_WINDOW[key]}/clip_frac")
+            clip = _value(metrics, BY_WINDOW[key].clip_frac_key)
             if signal is None and clip is None:
                 continue  # no evidence either way
             cur = current[key]

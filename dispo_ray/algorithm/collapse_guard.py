@@ -9,7 +9,10 @@
     reward        batch accuracy < reward_fall x its best mean of    the window that clips the largest share
                   up to 5 consecutive steps so far (0 = off)         of its regime over the streak (regime/*/clip_frac)
 
-The reward signal is not one of the paper's: it catches collapses the
+The four paper signals, their metrics and windows are derived from the regime table
+:data:`dispo_ray.algorithm.regimes.REGIMES` (``signal``, ``guard_metric``, ``guard_limit``,
+``window``); they are checked, and reported when several fire at once, in the order of
+:data:`SIGNAL_ORDER`. The reward signal is not one of the paper's: it catches collapses the
 paper's signals miss (docs/windows.md). The paper ties no window to it; the window that binds
 hardest (clips most of its regime's tokens) is the direct suspect.
 
@@ -35,17 +38,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from dispo_ray.algorithm.windows import REGIME_OF_WINDOW, widen
+from dispo_ray.algorithm.metric_keys import ROLLOUT_ACCURACY
+from dispo_ray.algorithm.regimes import BY_SIGNAL, REGIMES, Regime
+from dispo_ray.algorithm.windows import widen
 
-SIGNALS = {
-    "repetition": ("rollout/repetition", lambda v, c: v > c.repetition_max),
-    "length": ("rollout/response_length", lambda v, c: v < c.length_min),
-    "entropy_low": ("actor/entropy", lambda v, c: v < c.entropy_min),
-    "entropy_high": ("actor/entropy", lambda v, c: v > c.entropy_max),
-}
-SIGNAL_WINDOW = {"repetition": "eps_high_neg", "length": "eps_low_neg",
-                 "entropy_low": "eps_high_pos", "entropy_high": "eps_low_pos"}
-REWARD_KEY, REWARD_WINDOW = "rollout/accuracy", 5
+SIGNAL_ORDER = ("repetition", "length", "entropy_low", "entropy_high")  # the sudden collapses first
+
+
+def _signal(r: Regime):
+    return r.guard_metric, lambda v, c: r.out_of_band(v, getattr(c, r.guard_limit))
+
+
+# signal -> (metric, out of band? given the value and trainer.collapse_guard)
+SIGNALS = {name: _signal(BY_SIGNAL[name]) for name in SIGNAL_ORDER}
+SIGNAL_WINDOW = {name: BY_SIGNAL[name].window for name in SIGNAL_ORDER}
+REWARD_KEY, REWARD_WINDOW = ROLLOUT_ACCURACY, 5
 
 ACTIONS = ("warn", "stop", "rollback")  # trainer.collapse_guard.action's choices (the module docstring)
 
@@ -86,8 +93,7 @@ class CollapseGuard:
             self._count(step, name, key, value, bad(value, self.cfg), fired)
         # over the streak, not the last step: once every group is all wrong no token has A != 0
         # and no window clips anything, though one did while accuracy was falling
-        step_binding = {w: float(metrics[f"regime/{r}/clip_frac"]) for w, r in REGIME_OF_WINDOW.items()
-                        if f"regime/{r}/clip_frac" in metrics}
+        step_binding = {r.window: float(metrics[r.clip_frac_key]) for r in REGIMES if r.clip_frac_key in metrics}
         self.binding = (self.binding + [step_binding])[-self.cfg.patience:]
         reward = metrics.get(REWARD_KEY)
         if self.cfg.reward_fall > 0 and reward is not None and reward == reward:

@@ -20,6 +20,10 @@ PPO-style losses (a token leaving the trust region in the helpful direction gets
     grpo:   the same with clip_low = clip_high, plus kl_coef * k3(ref || theta) when kl_coef > 0,
             k3 = exp(ref - log pi) - (ref - log pi) - 1.
 
+Every loss takes the same keyword arguments; ``windows`` (DISPO's four windows in force, sent by
+the driver with the batch: :mod:`dispo_ray.algorithm.windows`) is read by dispo only, the others
+ignore it, as they ignore ``eps_*`` in ``config``.
+
 Aggregation (``loss_agg_mode``), with m the response mask:
 
     token-mean:          sum_{i,t} l m / N_tok          N_tok = global_tokens or sum m
@@ -45,9 +49,12 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from dispo_ray.algorithm.metric_keys import ACTOR_PREFIX, regime_key
+from dispo_ray.algorithm.regimes import REGIME_NAMES
+
 LossFn = Callable[..., Tuple[torch.Tensor, Dict[str, float]]]
 _REGISTRY: Dict[str, LossFn] = {}
-REGIMES = ("pos_high", "pos_low", "neg_high", "neg_low")
+REGIMES = REGIME_NAMES  # pos_high, pos_low, neg_high, neg_low (dispo_ray.algorithm.regimes)
 _MAX_KEYS = {"ratio_max"}
 
 
@@ -141,7 +148,7 @@ def merge_raw_metrics(*raws: Mapping[str, float]) -> Dict[str, float]:
     return out
 
 
-def summarize_metrics(raw: Mapping[str, float], prefix: str = "actor/") -> Dict[str, float]:
+def summarize_metrics(raw: Mapping[str, float], prefix: str = ACTOR_PREFIX) -> Dict[str, float]:
     """Fractions and means for logging, from merged raw metrics."""
     n = max(raw.get("n_tokens", 0.0), 1.0)
     out = {
@@ -153,8 +160,8 @@ def summarize_metrics(raw: Mapping[str, float], prefix: str = "actor/") -> Dict[
     for r in REGIMES:
         nr = raw.get(f"{r}_n", 0.0)
         clipped_total += raw.get(f"{r}_clipped", 0.0)
-        out[f"regime/{r}/token_frac"] = nr / n
-        out[f"regime/{r}/clip_frac"] = raw.get(f"{r}_clipped", 0.0) / nr if nr else 0.0
+        out[regime_key(r, "token_frac")] = nr / n
+        out[regime_key(r, "clip_frac")] = raw.get(f"{r}_clipped", 0.0) / nr if nr else 0.0
     out[f"{prefix}clip_frac"] = clipped_total / n
     if "entropy_sum" in raw:
         out[f"{prefix}entropy"] = raw["entropy_sum"] / n
@@ -197,10 +204,14 @@ def _reinforce_clipped(lo_pos: float, hi_pos: float, lo_neg: float, hi_neg: floa
 
 
 @register_policy_loss("dispo")
-def dispo_loss(*, config: Any, **kw: Any) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """DISPO: the weight window is chosen by the sign of the advantage."""
-    return _reinforce_clipped(1.0 - _param(config, "eps_low_pos"), 1.0 + _param(config, "eps_high_pos"),
-                              1.0 - _param(config, "eps_low_neg"), 1.0 + _param(config, "eps_high_neg"), **kw)
+def dispo_loss(*, config: Any, windows: Optional[Mapping[str, float]] = None,
+               **kw: Any) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """DISPO: the weight window is chosen by the sign of the advantage. ``windows`` holds the four
+    ``eps_{low,high}_{pos,neg}`` in force (the learner passes the ones sent with the batch); without
+    it they are read from ``config``."""
+    src = config if windows is None else windows
+    return _reinforce_clipped(1.0 - _param(src, "eps_low_pos"), 1.0 + _param(src, "eps_high_pos"),
+                              1.0 - _param(src, "eps_low_neg"), 1.0 + _param(src, "eps_high_neg"), **kw)
 
 
 @register_policy_loss("cispo")

@@ -1,32 +1,39 @@
-"""DISPO's four clip windows at run time: the one place that changes them.
+"""DISPO's four clip windows at run time: driver state, sent with every batch to the loss.
 
-The learner ranks read ``algorithm.eps_{low,high}_{pos,neg}`` from their copy of the config on
-every loss call. Two things move them during a run, both through :meth:`LossWindows.set`, which
-sends the new values to every rank (``LearnerGroup.set_loss_windows``, applied before the next
-``train_step``: calls on one actor run in order):
+The windows in force live in the driver (:class:`LossWindows`, ``current``); the config keeps the
+configured values and is never written. Step s+1 trains with the windows decided after step s:
 
-    the collapse guard's rollback  (dispo_ray.algorithm.collapse_guard / dispo_ray.rollout.rollback): widens the
-                                    window the paper ties to the signal, by widen_factor
-    adaptive windows               (dispo_ray.algorithm.adaptive_windows): widens while a signal is out of
-                                    its band, relaxes toward the configured value inside it
+    after step s   the collapse guard's rollback (dispo_ray.algorithm.collapse_guard,
+                   dispo_ray.rollout.rollback) widens the window of its signal's regime by
+                   widen_factor, else adaptive windows (dispo_ray.algorithm.adaptive_windows) widen
+                   while a signal is out of its band and relax toward the configured value in it;
+                   both through :meth:`LossWindows.set`
+    step s+1       the driver passes ``current`` with the batch:
+                   ``LearnerGroup.train_step(batch, windows)`` -> every rank's ``train_step`` ->
+                   the loss's ``windows=`` (:func:`dispo_ray.algorithm.losses.dispo_loss`)
+
+So a learner holds no window between steps: a rebuilt learner group (learner recovery) trains the
+next batch with the windows the driver sends, whatever it was built with.
 
 "Widen by f" acts in ratio space, on the window's bound: the upper bound ``1 + eps_high`` is
 multiplied by f, the lower bound ``1 - eps_low`` divided by f, so it also moves a window that is
 closed (eps = 0): ``eps_high -> (1 + eps_high) * f - 1``, ``eps_low -> 1 - (1 - eps_low) / f``.
 Every automatic value stays between the configured value and ``algorithm.window_max``.
 
-The windows in force are driver state: saved with every checkpoint, re-applied on resume, and
-logged every step as ``windows/<key>`` (the values the step's update used).
+The windows in force are saved with every checkpoint, re-applied on resume, and logged every step
+as ``windows/<key>`` (the values the step's update used; dispo only).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-WINDOW_KEYS = ("eps_low_pos", "eps_high_pos", "eps_low_neg", "eps_high_neg")
-# each window bounds the weights of one regime (dispo_ray.algorithm.losses.REGIMES); its clip share
-# is logged as regime/<regime>/clip_frac
-REGIME_OF_WINDOW = {"eps_high_pos": "pos_high", "eps_low_pos": "pos_low", "eps_high_neg": "neg_high",
-                    "eps_low_neg": "neg_low"}
+from dispo_ray.algorithm.metric_keys import window_key
+from dispo_ray.algorithm.regimes import REGIMES
+
+WINDOW_KEYS = ("eps_low_pos", "eps_high_pos", "eps_low_neg", "eps_high_neg")  # in the config's order
+# each window bounds the weights of one regime (dispo_ray.algorithm.regimes); its clip share is
+# logged as regime/<regime>/clip_frac
+REGIME_OF_WINDOW = {r.window: r.name for r in REGIMES}
 
 
 def widen(key: str, value: float, factor: float, limit: float) -> float:
@@ -35,31 +42,37 @@ def widen(key: str, value: float, factor: float, limit: float) -> float:
     return min(max(new, value), limit)
 
 
+def resolve(algorithm: Any, windows: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """The four windows a loss call uses: ``windows`` where given, the configured
+    ``algorithm.eps_*`` for the rest. A key that is not a DISPO window raises ``KeyError``."""
+    unknown = sorted(set(windows or {}) - set(WINDOW_KEYS))
+    if unknown:
+        raise KeyError(f"not a DISPO window: {unknown}; the windows are {', '.join(WINDOW_KEYS)}")
+    given = dict(windows or {})
+    return {k: float(given[k]) if k in given else float(getattr(algorithm, k)) for k in WINDOW_KEYS}
+
+
 class LossWindows:
     """The windows in force (``current``), the configured ones and their limits."""
 
-    def __init__(self, algorithm: Any, learners: Optional[Any] = None):
+    def __init__(self, algorithm: Any):
         self.configured = {k: float(getattr(algorithm, k)) for k in WINDOW_KEYS}
         self.limits = {k: float(getattr(algorithm.window_max, k)) for k in WINDOW_KEYS}
         self.current = dict(self.configured)
-        self.learners = learners
         self.enabled = algorithm.name == "dispo"  # the other losses do not read these keys
 
     def set(self, new: Mapping[str, float]) -> Dict[str, Tuple[float, float]]:
-        """Apply the values that differ; return ``{key: (old, new)}`` of what changed."""
+        """Take the values that differ; return ``{key: (old, new)}`` of what changed."""
         changed = {k: (self.current[k], float(v)) for k, v in new.items() if float(v) != self.current[k]}
-        if changed and self.learners is not None:
-            self.learners.set_loss_windows({k: v for k, (_, v) in changed.items()})
         self.current.update({k: v for k, (_, v) in changed.items()})
         return changed
 
-    def push(self) -> None:
-        """Send every window in force to the learners (a rebuilt learner group starts configured)."""
-        if self.enabled and self.learners is not None:
-            self.learners.set_loss_windows(dict(self.current))
+    def in_force(self) -> Dict[str, float]:
+        """A copy of the windows the next update trains with (what the driver sends with its batch)."""
+        return dict(self.current)
 
     def metrics(self) -> Dict[str, float]:
-        return {f"windows/{k}": v for k, v in self.current.items()} if self.enabled else {}
+        return {window_key(k): v for k, v in self.current.items()} if self.enabled else {}
 
     def state_dict(self) -> Dict[str, float]:
         return dict(self.current)

@@ -12,8 +12,10 @@ import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
-CONSOLE_KEYS = (("reward", "rollout/reward"), ("acc", "rollout/accuracy"), ("eval", "eval/accuracy"),
-                ("ent", "actor/entropy"), ("tok/s", "perf/tokens_per_s"))
+from dispo_ray.algorithm import metric_keys as K
+
+CONSOLE_KEYS = (("reward", K.ROLLOUT_REWARD), ("acc", K.ROLLOUT_ACCURACY), ("eval", K.EVAL_ACCURACY),
+                ("ent", K.ACTOR_ENTROPY), ("tok/s", K.PERF_TOKENS_PER_S))
 LINE_EVERY_S = 30.0
 
 

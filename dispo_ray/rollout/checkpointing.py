@@ -70,7 +70,6 @@ def restore(trainer: Any, path: str, *, rollback: bool = False) -> None:
                                           if checkpoints.problem(checkpoint_dir(trainer.run_dir, c)) is not None])
         trainer.windows.load_state_dict(state.get("windows"))
     trainer.gate = gate
-    trainer.windows.push()  # a learner group built since holds the configured windows
     if rollback:
         # the checkpoint's version: the weight sync publishes it below, once the weights are out
         save_driver_state(path, {**trainer.driver_state(state["cursor"]), "version": version})

@@ -16,9 +16,11 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from dispo_ray.algorithm import metric_keys as K
 from dispo_ray.algorithm.advantages import assign_advantages
+from dispo_ray.algorithm.windows import LossWindows
 from dispo_ray.infra.config import RootConfig, to_dict
 from dispo_ray.infra.stop import STOP
 from dispo_ray.rollout.samples import collate
@@ -31,13 +33,13 @@ def rollout_metrics(batch: Any) -> Dict[str, float]:
     gen = batch.generated
     n = max(len(gen), 1)
     out = {
-        "rollout/reward": sum(s.reward for s in gen) / n,
-        "rollout/accuracy": sum(s.correct for s in gen) / n,
-        "rollout/response_length": sum(s.response_length for s in gen) / n,
-        "rollout/truncated_frac": sum(s.finish_reason == "length" for s in gen) / n,
-        "rollout/repetition": repetition_rate([s.response_token_ids for s in gen]),
-        "rollout/samples": float(len(gen)),
-        "rollout/train_samples": float(len(batch.samples)),
+        K.ROLLOUT_REWARD: sum(s.reward for s in gen) / n,
+        K.ROLLOUT_ACCURACY: sum(s.correct for s in gen) / n,
+        K.ROLLOUT_RESPONSE_LENGTH: sum(s.response_length for s in gen) / n,
+        K.ROLLOUT_TRUNCATED_FRAC: sum(s.finish_reason == "length" for s in gen) / n,
+        K.ROLLOUT_REPETITION: repetition_rate([s.response_token_ids for s in gen]),
+        K.ROLLOUT_SAMPLES: float(len(gen)),
+        K.ROLLOUT_TRAIN_SAMPLES: float(len(batch.samples)),
     }
     reasons: Dict[str, int] = {}
     for s in gen:
@@ -50,7 +52,12 @@ class Trainer:
     """Owns the actors and the run state; ``fit()`` is the loop. The published weight version is
     the weight sync's (``self.weight_sync.version``, :mod:`dispo_ray.sync.coordinator`)."""
 
-    def __init__(self, cfg: RootConfig, handle_signals: bool = False):
+    def __init__(self, cfg: RootConfig, handle_signals: bool = False,
+                 metrics_hook: Optional[Callable[[Any, Dict[str, float]], None]] = None):
+        """``metrics_hook(batch, metrics)``, when given, runs on every step's metrics once the
+        batch's rollout metrics are in and before the update, the collapse guard and the adaptive
+        windows read them; it may change ``metrics`` in place (the tests inject a collapse signal
+        into a real run this way)."""
         from actors.generator import GeneratorPool
         from actors.learner_group import LearnerGroup
         from actors.reward_pool import RewardPool
@@ -61,6 +68,8 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.cfg, tr = cfg, cfg.trainer
+        self.metrics_hook = metrics_hook
+        self.windows = LossWindows(cfg.algorithm)  # DISPO's windows in force, sent with every batch
         self.run_dir = os.path.abspath(tr.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
@@ -107,7 +116,7 @@ class Trainer:
         assign_advantages(samples, norm_by_std=a.norm_adv_by_std, eps=a.adv_eps)
         tensors = collate(samples, pad_token_id=self.tokenizer.pad_token_id)
         t0 = time.perf_counter()
-        metrics.update(self.learners.train_step(tensors))
+        metrics.update(self.learners.train_step(tensors, self.windows.in_force()))  # the windows travel with it
         metrics["timing/train"] = time.perf_counter() - t0
         metrics["perf/train_tokens"] = float(tensors["attention_mask"].sum())
         return metrics
@@ -158,14 +167,12 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         from dispo_ray.algorithm.adaptive_windows import AdaptiveWindows
         from dispo_ray.algorithm.collapse_guard import CollapseGuard
-        from dispo_ray.algorithm.windows import LossWindows
         from dispo_ray.infra.metrics_log import MetricsLogger
         from dispo_ray.rollout.checkpointing import resume, save
         from dispo_ray.rollout.rollback import after_step, roll_back
 
         cfg, tr = self.cfg, self.cfg.trainer
         self.guard = CollapseGuard(tr.collapse_guard, tr.max_staleness)
-        self.windows = LossWindows(cfg.algorithm, self.learners)
         aw = cfg.algorithm.adaptive_windows
         self.controller = AdaptiveWindows(aw, self.windows.configured, self.windows.limits) if aw.enabled else None
         resumed = bool(tr.resume and resume(self, lambda line: print(line, flush=True)))
@@ -181,7 +188,7 @@ class Trainer:
             if not resumed:
                 self.warn_if_disk_small(log)
                 last_eval = self.evaluate()
-                first_eval = last_eval.get("eval/accuracy")
+                first_eval = last_eval.get(K.EVAL_ACCURACY)
                 log.log(0, last_eval, advance=False)  # step 0: before any update
                 if tr.collapse_guard.action == "rollback":  # a collapse from the first steps on can return here
                     save(self)
@@ -191,13 +198,15 @@ class Trainer:
                 if batch is None:  # a stop signal while waiting: the rollout is abandoned
                     break
                 metrics = {"timing/wait_rollout": time.perf_counter() - t_step, **rollout_metrics(batch)}
+                if self.metrics_hook is not None:
+                    self.metrics_hook(batch, metrics)
                 if not self.survive_learner_loss(lambda: self.train_and_publish(batch, metrics), log):
                     continue  # a learner rank was lost: the group was rebuilt from the last checkpoint
                 self.step += 1
                 metrics["version"] = float(self.weight_sync.version)
                 # The step's own time (rollout wait, train, sync); evaluation is timing/eval.
                 metrics["timing/step"] = time.perf_counter() - t_step
-                metrics["perf/tokens_per_s"] = metrics.get("perf/train_tokens", 0.0) / metrics["timing/step"]
+                metrics[K.PERF_TOKENS_PER_S] = metrics.get("perf/train_tokens", 0.0) / metrics["timing/step"]
                 if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.total_steps:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
@@ -226,7 +235,7 @@ class Trainer:
             self.producer.stop(wait=not STOP.requested)  # a signal: never wait for a rollout in flight
             log.close()
         summary = {"run_dir": self.run_dir, "steps": self.step, "version": self.weight_sync.version,
-                   "first_eval_accuracy": first_eval, "last_eval_accuracy": last_eval.get("eval/accuracy"),
+                   "first_eval_accuracy": first_eval, "last_eval_accuracy": last_eval.get(K.EVAL_ACCURACY),
                    "collapse_events": self.guard.events, "stopped_by_collapse_guard": stopped_by_guard,
                    "rollbacks": self.guard.rollbacks, "windows": self.windows.state_dict(),
                    "startup_seconds": dict(self.startup.seconds), "stopped_by_signal": self.stopped_by,

@@ -87,7 +87,6 @@ def recover_learners(trainer: Any, what: str, log: Any) -> Dict[str, float]:
     trainer.producer.stop()
     trainer.learners.kill()
     trainer.learners = trainer.weight_sync.reconnect(lambda: LearnerGroup(trainer.cfg, trainer.model_dir))
-    trainer.windows.learners = trainer.learners
     restore(trainer, path)
     truncate_metrics(trainer.run_dir, trainer.step)
     trainer.learner_restarts += 1

@@ -24,12 +24,13 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from dispo_ray.algorithm.collapse_guard import Response
+from dispo_ray.algorithm.metric_keys import COLLAPSE_EVENTS, COLLAPSE_ROLLBACKS
 
 
 def after_step(trainer: Any, metrics: Dict[str, float], log: Any) -> Optional[Response]:
     """Add ``windows/*`` (what this step trained with) and ``collapse/*`` to ``metrics``; run the
     collapse guard, apply a rollback's widening, else let the adaptive controller set the next
-    step's windows. Returns the guard's response when a signal fired."""
+    step's windows (the driver sends them with the next batch). Returns the guard's response when a signal fired."""
     guard, windows, cg = trainer.guard, trainer.windows, trainer.cfg.trainer.collapse_guard
     metrics.update(windows.metrics())
     fired = guard.update(trainer.step, metrics)
@@ -47,8 +48,8 @@ def after_step(trainer: Any, metrics: Dict[str, float], log: Any) -> Optional[Re
                             f"{trainer.step} (see trainer.collapse_guard){why}")
         if trainer.controller is not None:
             windows.set(trainer.controller.propose(metrics, windows.current))
-    metrics["collapse/events"] = float(len(guard.events))
-    metrics["collapse/rollbacks"] = float(guard.rollbacks)
+    metrics[COLLAPSE_EVENTS] = float(len(guard.events))
+    metrics[COLLAPSE_ROLLBACKS] = float(guard.rollbacks)
     return response
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence, Tuple
 
+from dispo_ray.algorithm import metric_keys as K
+from dispo_ray.algorithm.regimes import REGIMES
 from dispo_ray.study.verdicts import LAB_PRESET, adaptive_table, findings, guard_table, markdown, series
-from dispo_ray.algorithm.losses import REGIMES
 
 
 def _load(out: str, names: Sequence[str], seeds: Sequence[int]) -> Dict[Tuple[str, int], List[dict]]:
@@ -53,13 +54,13 @@ def _grid(runs, names: Sequence[str], seeds: Sequence[int], keys: Sequence[Tuple
 def lab_outputs(out: str, names: Sequence[str], seeds: Sequence[int]) -> str:
     """Write the lab's plots and ``verdicts.md``; return the verdicts' Markdown."""
     runs = _load(out, names, seeds)
-    _grid(runs, names, seeds, [(f"regime/{r}/token_frac", f"{r} tokens") for r in REGIMES],
+    _grid(runs, names, seeds, [(r.token_frac_key, f"{r.name} tokens") for r in REGIMES],
           os.path.join(out, "regime_token_frac.png"), "share of response tokens in each regime (mean of seeds)")
-    _grid(runs, names, seeds, [(f"regime/{r}/clip_frac", f"{r} clipped") for r in REGIMES],
+    _grid(runs, names, seeds, [(r.clip_frac_key, f"{r.name} clipped") for r in REGIMES],
           os.path.join(out, "regime_clip_frac.png"), "share of each regime's tokens whose weight was clipped")
-    _grid(runs, names, seeds, [("actor/entropy_correct", "correct"), ("actor/entropy_incorrect", "incorrect")],
+    _grid(runs, names, seeds, [(K.ACTOR_ENTROPY_CORRECT, "correct"), (K.ACTOR_ENTROPY_INCORRECT, "incorrect")],
           os.path.join(out, "entropy_correct_incorrect.png"), "mean token entropy of correct vs incorrect responses")
-    _grid(runs, names, seeds, [("actor/ratio_max", "max ratio"), ("actor/ratio_mean", "mean ratio")],
+    _grid(runs, names, seeds, [(K.ACTOR_RATIO_MAX, "max ratio"), (K.ACTOR_RATIO_MEAN, "mean ratio")],
           os.path.join(out, "ratio_spread.png"), "importance ratio pi_theta / pi_behaviour in the loss")
     from dispo_ray.infra.config import compose
 

@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from dispo_ray.algorithm import metric_keys as K
 from dispo_ray.study.verdicts import LAB_PRESET, series
 
 VARIANTS: Dict[str, List[str]] = {
@@ -53,8 +54,8 @@ LAB_VARIANTS = ["dispo", "cispo", "dapo", "dispo_tight_high_pos", "dispo_tight_l
                 "dispo_tight_low_neg"]
 COMMON = ["generator=hf", "learner.mini_batches=4", "trainer.progress_bar=false", "trainer.tensorboard=false",
           "trainer.eval_max_prompts=100", "trainer.collapse_guard.action=warn"]
-CURVES = (("eval/accuracy", "held-out accuracy (avg@k)"), ("actor/entropy", "mean token entropy"),
-          ("rollout/response_length", "response length (tokens)"), ("rollout/repetition", "repetitive responses"))
+CURVES = ((K.EVAL_ACCURACY, "held-out accuracy (avg@k)"), (K.ACTOR_ENTROPY, "mean token entropy"),
+          (K.ROLLOUT_RESPONSE_LENGTH, "response length (tokens)"), (K.ROLLOUT_REPETITION, "repetitive responses"))
 
 
 def run_one(name: str, seed: int, steps: int, out: str, extra: Sequence[str],
@@ -128,17 +129,17 @@ def summarize(out: str, names: Sequence[str], seeds: Sequence[int], target_gain:
             rows = runs.get((n, s))
             if not rows:
                 continue
-            acc = series(rows, "eval/accuracy")
+            acc = series(rows, K.EVAL_ACCURACY)
             init.append(acc[0][1])
             final.append(acc[-1][1])
             hit = [st for st, a in acc if a >= acc[0][1] + target_gain]
             reach.append(hit[0] if hit else None)
-            train = [r for r in rows if "rollout/samples" in r]
+            train = [r for r in rows if K.ROLLOUT_SAMPLES in r]
             tail = train[-5:]
-            ent.append(sum(r.get("actor/entropy", float("nan")) for r in tail) / len(tail))
-            length.append(sum(r["rollout/response_length"] for r in tail) / len(tail))
-            rep.append(sum(r["rollout/repetition"] for r in tail) / len(tail))
-            events.append(train[-1].get("collapse/events", 0))
+            ent.append(sum(r.get(K.ACTOR_ENTROPY, float("nan")) for r in tail) / len(tail))
+            length.append(sum(r[K.ROLLOUT_RESPONSE_LENGTH] for r in tail) / len(tail))
+            rep.append(sum(r[K.ROLLOUT_REPETITION] for r in tail) / len(tail))
+            events.append(train[-1].get(K.COLLAPSE_EVENTS, 0))
         never = sum(r is None for r in reach)
         reach_txt = _mean_sd([r for r in reach if r is not None]) + (f" ({never} never)" if never else "")
         lines.append(f"| {n} | {_mean_sd(init)} | {_mean_sd(final)} | {reach_txt} | {_mean_sd(ent)} | "

@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from dispo_ray.algorithm import metric_keys as K
+
 Rows = List[dict]
 FALL = 0.10
 LAB_PRESET = "+preset=regime_lab"  # the lab's config (conf/preset/regime_lab.yaml)
@@ -34,14 +36,14 @@ def series(rows: Rows, key: str) -> List[tuple]:
     """(updates done, value): the initial evaluation is at 0, the i-th training step at i."""
     out, updates = [], 0
     for r in rows:
-        updates += "rollout/samples" in r
+        updates += K.ROLLOUT_SAMPLES in r
         if isinstance(r.get(key), (int, float)):
             out.append((updates, r[key]))
     return out
 
 
 def _train_rows(rows: Rows) -> Rows:
-    return [r for r in rows if "rollout/samples" in r]
+    return [r for r in rows if K.ROLLOUT_SAMPLES in r]
 
 
 def _num(rows: Rows, key: str) -> List[float]:
@@ -69,13 +71,13 @@ def window_extreme(key: str, pick: Callable = max, width: int = 5) -> Callable[[
 
 
 def mean_accuracy(rows: Rows) -> Optional[float]:
-    acc = _num(rows, "eval/accuracy")
+    acc = _num(rows, K.EVAL_ACCURACY)
     return sum(acc) / len(acc) if acc else None
 
 
 def largest_fall(rows: Rows) -> Optional[float]:
     """Largest drop of held-out accuracy below its running peak (0 when it never falls)."""
-    acc = _num(rows, "eval/accuracy")
+    acc = _num(rows, K.EVAL_ACCURACY)
     peak, fall = -1.0, 0.0
     for a in acc:
         peak = max(peak, a)
@@ -86,13 +88,13 @@ def largest_fall(rows: Rows) -> Optional[float]:
 # (finding, variant, baseline, statistic name, statistic, predicted sign of variant - baseline)
 FINDINGS: Tuple[tuple, ...] = (
     ("correct, weight > 1 raises entropy", "dispo_tight_high_pos", "dispo", "entropy of correct responses (last 1/4)",
-     late_mean("actor/entropy_correct"), -1),
+     late_mean(K.ACTOR_ENTROPY_CORRECT), -1),
     ("correct, weight < 1 lowers entropy", "dispo_tight_low_pos", "dispo", "entropy of correct responses (last 1/4)",
-     late_mean("actor/entropy_correct"), +1),
+     late_mean(K.ACTOR_ENTROPY_CORRECT), +1),
     ("incorrect, weight > 1 clipped: repetition collapse", "dispo_tight_high_neg", "dispo",
-     "repetition (highest 5-step mean)", window_extreme("rollout/repetition", max), +1),
+     "repetition (highest 5-step mean)", window_extreme(K.ROLLOUT_REPETITION, max), +1),
     ("incorrect, weight < 1 clipped: length collapse", "dispo_tight_low_neg", "dispo",
-     "response length (lowest 5-step mean)", window_extreme("rollout/response_length", min), -1),
+     "response length (lowest 5-step mean)", window_extreme(K.ROLLOUT_RESPONSE_LENGTH, min), -1),
     ("DISPO learns faster than DAPO", "dapo", "dispo", "mean held-out accuracy over evaluations", mean_accuracy, -1),
     ("DISPO is steadier than CISPO", "cispo", "dispo", "largest fall of held-out accuracy below its peak",
      largest_fall, +1),
@@ -145,10 +147,10 @@ def guard_check(rows: Rows, fall: float = FALL, guard_cfg=None) -> Dict[str, Opt
     if guard_cfg is not None:
         first_event = replay_guard(rows, guard_cfg)
     else:
-        first_event = next((int(r["step"]) for r in _train_rows(rows) if r.get("collapse/events", 0) > 0), None)
+        first_event = next((int(r["step"]) for r in _train_rows(rows) if r.get(K.COLLAPSE_EVENTS, 0) > 0), None)
     start, fell_at = None, None
     for r in rows:
-        a = r.get("eval/accuracy")
+        a = r.get(K.EVAL_ACCURACY)
         if not isinstance(a, (int, float)):
             continue
         start = a if start is None else start
@@ -177,7 +179,7 @@ def guard_table(runs: Dict[Tuple[str, int], Rows], guard_cfg=None) -> List[Dict[
 
 
 def final_accuracy(rows: Rows) -> Optional[float]:
-    acc = _num(rows, "eval/accuracy")
+    acc = _num(rows, K.EVAL_ACCURACY)
     return acc[-1] if acc else None
 
 

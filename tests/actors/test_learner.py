@@ -183,6 +183,41 @@ def test_optimizer_offload_matches_single_process_reference(ray_cluster, model_p
         torch.testing.assert_close(state[name], p, atol=3e-5, rtol=0)
 
 
+def test_windows_travel_with_the_batch_and_the_config_stays(ray_cluster, model_path, data):
+    """One learner group, the same batch twice with different windows: all four closed (eps = 0,
+    so w = 1 and every token with r != 1, i.e. every regime token, is clipped), then wide open
+    (nothing is). Each rank's loss read the windows sent; the ranks' config is never written."""
+    from actors.learner_group import LearnerGroup
+    from dispo_ray.algorithm.losses import REGIMES
+    from dispo_ray.infra.config import to_dict
+    keys = ("eps_low_pos", "eps_high_pos", "eps_low_neg", "eps_high_neg")
+    closed = dict.fromkeys(keys, 0.0)
+    wide = {"eps_low_pos": 1.0, "eps_high_pos": 1e9, "eps_low_neg": 1.0, "eps_high_neg": 1e9}
+    cfg = _cfg(1)
+    group = LearnerGroup(cfg, model_path)
+    try:
+        tight = group.train_step(data["batches"][0], closed)
+        used_tight = call_on(group.actors, lambda w: w.windows_used)
+        loose = group.train_step(data["batches"][0], wide)
+        used_loose = call_on(group.actors, lambda w: w.windows_used)
+        configs = call_on(group.actors, lambda w: to_dict(w.cfg))
+        with pytest.raises(KeyError, match="not a DISPO window"):
+            group.train_step(data["batches"][0], {"clip_low": 0.1})
+    finally:
+        group.shutdown()
+    assert used_tight == [closed, closed] and used_loose == [wide, wide]
+    def flat(d, at=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{at}{k}.").items() if isinstance(v, dict) else [(at + k, v)])}
+    expected = flat(to_dict(cfg))
+    for got in map(flat, configs):  # eps_* still 0.2, 10, 1, 100: nothing differs
+        assert {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v} == {}
+    for r in REGIMES:
+        assert tight[f"regime/{r}/token_frac"] > 0
+        assert (tight[f"regime/{r}/clip_frac"], loose[f"regime/{r}/clip_frac"]) == (1.0, 0.0)
+    assert tight["actor/clip_frac"] > 0 == loose["actor/clip_frac"]
+
+
 def test_first_microbatch_mismatch_is_measured(ray_cluster, model_path, data):
     """Before any update the learner's log-probs are the initial model's, so the mismatch
     metrics equal those of the injected noise on the first micro-batch of every rank."""

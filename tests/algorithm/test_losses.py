@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from dispo_ray.algorithm.losses import (aggregate, get_policy_loss, merge_raw_metrics, registered_losses,
-                              summarize_metrics)
+from dispo_ray.algorithm.losses import (REGIMES, aggregate, get_policy_loss, merge_raw_metrics, registered_losses,
+                                        summarize_metrics)
 
 DISPO_CFG = {"eps_low_pos": 0.2, "eps_high_pos": 10.0, "eps_low_neg": 0.3, "eps_high_neg": 0.5,
              "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0}
@@ -35,12 +35,20 @@ def test_registry_lists_all_and_rejects_unknown():
         get_policy_loss("ppo")
 
 
-def test_dispo_value_and_gradient_inside_below_above_each_window():
+WINDOWS = {k: DISPO_CFG[k] for k in ("eps_low_pos", "eps_high_pos", "eps_low_neg", "eps_high_neg")}
+OTHER_CFG = dict(DISPO_CFG, eps_low_pos=0.0, eps_high_pos=0.0, eps_low_neg=0.0, eps_high_neg=0.0)
+
+
+@pytest.mark.parametrize("how", ["config", "windows"])
+def test_dispo_value_and_gradient_inside_below_above_each_window(how):
+    """The same hand-derived values with the windows in the config or sent with the batch
+    (``windows=``, which the config's own eps_* then do not touch)."""
     # A > 0 window [0.8, 11];  A < 0 window [0.7, 1.5]
     ratios = [[0.5, 0.9, 1.5, 12.0], [0.5, 0.9, 1.4, 2.0]]
     advs = [[1.0] * 4, [-2.0] * 4]
     lp, old, adv, mask = _batch(ratios, advs)
-    loss, raw = _call("dispo", lp, old, adv, mask)
+    kw = {} if how == "config" else {"cfg": OTHER_CFG, "windows": WINDOWS}
+    loss, raw = _call("dispo", lp, old, adv, mask, **kw)
     w = torch.tensor([[0.8, 0.9, 1.5, 11.0], [0.7, 0.9, 1.4, 1.5]], dtype=torch.float64)
     n = 8.0
     expected = -(w * adv * lp.detach()).sum() / n
@@ -56,6 +64,24 @@ def test_dispo_value_and_gradient_inside_below_above_each_window():
         assert s[f"regime/{r}/clip_frac"] == pytest.approx(1 / 2)
     assert s["actor/ratio_max"] == pytest.approx(12.0)
     assert s["actor/clip_frac"] == pytest.approx(4 / 8)
+
+
+def test_windows_sent_with_the_batch_equal_the_same_windows_in_the_config():
+    """Today's path (windows written into the config) and the batch's path give the same loss,
+    gradient and metrics, bit for bit; different windows give different clip counts."""
+    torch.manual_seed(2)
+    ratios, advs = torch.exp(torch.randn(4, 9)).tolist(), torch.randn(4, 9).tolist()
+    w = {"eps_low_pos": 0.1, "eps_high_pos": 0.3, "eps_low_neg": 0.5, "eps_high_neg": 2.0}
+    lp1, old, adv, mask = _batch(ratios, advs)
+    lp2 = lp1.detach().clone().requires_grad_(True)
+    l1, r1 = _call("dispo", lp1, old, adv, mask, cfg=dict(DISPO_CFG, **w))
+    l2, r2 = _call("dispo", lp2, old, adv, mask, cfg=DISPO_CFG, windows=w)
+    l1.backward(), l2.backward()
+    assert l1.item() == l2.item() and torch.equal(lp1.grad, lp2.grad) and r1 == r2
+    _, r3 = _call("dispo", lp2.detach(), old, adv, mask, cfg=DISPO_CFG, windows=WINDOWS)
+    assert sum(r3[f"{g}_clipped"] for g in REGIMES) < sum(r1[f"{g}_clipped"] for g in REGIMES)
+    for name in ("cispo", "dapo", "grpo"):  # the other losses ignore the windows
+        assert _call(name, lp2.detach(), old, adv, mask, windows=w)[1] == _call(name, lp2.detach(), old, adv, mask)[1]
 
 
 def test_dispo_no_floor_when_eps_low_is_one():

@@ -3,14 +3,17 @@ the widening rule, the adaptive-window controller, the collapse guard's action (
 checkpoint, which window, which factor, and the fallbacks to a warning), and the new config keys."""
 from __future__ import annotations
 
+import ast
 import math
+import os
 
 import pytest
 
-from dispo_ray.algorithm.adaptive_windows import AdaptiveWindows
-from dispo_ray.algorithm.collapse_guard import CollapseGuard
+from dispo_ray.algorithm.adaptive_windows import RULES, AdaptiveWindows
+from dispo_ray.algorithm.collapse_guard import SIGNAL_WINDOW, SIGNALS, CollapseGuard
+from dispo_ray.algorithm.losses import REGIMES
+from dispo_ray.algorithm.windows import REGIME_OF_WINDOW, LossWindows, resolve, widen
 from dispo_ray.infra.config import ConfigError, compose
-from dispo_ray.algorithm.windows import LossWindows, widen
 
 
 def test_widen_acts_on_the_bounds_in_ratio_space_and_stops_at_the_limit():
@@ -22,25 +25,95 @@ def test_widen_acts_on_the_bounds_in_ratio_space_and_stops_at_the_limit():
     assert widen("eps_low_neg", 1.0, 2.0, 1.0) == 1.0  # no floor is as wide as it gets
 
 
-class _FakeLearners:
-    def __init__(self):
-        self.calls = []
-
-    def set_loss_windows(self, windows):
-        self.calls.append(dict(windows))
-
-
 def test_loss_windows_apply_only_changes_and_round_trip():
-    learners = _FakeLearners()
-    w = LossWindows(compose([]).algorithm, learners)
+    cfg = compose([])
+    w = LossWindows(cfg.algorithm)
     assert w.metrics() == {"windows/eps_low_pos": 0.2, "windows/eps_high_pos": 10.0, "windows/eps_low_neg": 1.0,
                            "windows/eps_high_neg": 100.0}
-    assert w.set({"eps_high_neg": 201.0, "eps_low_pos": 0.2}) == {"eps_high_neg": (100.0, 201.0)}
-    assert learners.calls == [{"eps_high_neg": 201.0}]  # the unchanged window is not sent
-    w2 = LossWindows(compose([]).algorithm, learners)
+    assert w.set({"eps_high_neg": 201.0, "eps_low_pos": 0.2}) == {"eps_high_neg": (100.0, 201.0)}  # only the change
+    sent = w.in_force()  # what the driver sends with the next batch: a copy
+    assert sent == {"eps_low_pos": 0.2, "eps_high_pos": 10.0, "eps_low_neg": 1.0, "eps_high_neg": 201.0}
+    sent["eps_high_neg"] = 0.0
+    assert w.current["eps_high_neg"] == 201.0
+    assert cfg.algorithm.eps_high_neg == 100.0  # the config keeps the configured value
+    w2 = LossWindows(compose([]).algorithm)
     w2.load_state_dict(w.state_dict())  # resume: the widened window comes back
-    assert w2.current["eps_high_neg"] == 201.0 and learners.calls[-1] == {"eps_high_neg": 201.0}
+    assert w2.current["eps_high_neg"] == 201.0 and w2.in_force() == w.in_force()
     assert LossWindows(compose(["algorithm=dapo"]).algorithm).metrics() == {}  # dapo reads no eps_*
+
+
+def test_resolve_fills_the_configured_windows_and_refuses_other_keys():
+    a = compose(["algorithm.eps_low_neg=0.2"]).algorithm
+    assert resolve(a) == {"eps_low_pos": 0.2, "eps_high_pos": 10.0, "eps_low_neg": 0.2, "eps_high_neg": 100.0}
+    assert resolve(a, {"eps_high_neg": 201})["eps_high_neg"] == 201.0 and resolve(a, {})["eps_low_neg"] == 0.2
+    with pytest.raises(KeyError, match=r"not a DISPO window: \['clip_low'\]"):
+        resolve(a, {"clip_low": 0.1})
+
+
+def test_guard_and_controller_maps_derive_from_the_one_regime_table():
+    """The maps as the paper ties them (../shared/PAPER.md), written out: the guard watches the
+    mean token entropy, the controller the entropy of correct responses (regimes.py says why)."""
+    assert SIGNAL_WINDOW == {"repetition": "eps_high_neg", "length": "eps_low_neg", "entropy_low": "eps_high_pos",
+                             "entropy_high": "eps_low_pos"}
+    assert {s: m for s, (m, _) in SIGNALS.items()} == {
+        "repetition": "rollout/repetition", "length": "rollout/response_length", "entropy_low": "actor/entropy",
+        "entropy_high": "actor/entropy"}
+    assert list(SIGNALS) == ["repetition", "length", "entropy_low", "entropy_high"]  # the order events are logged in
+    assert {w: m for w, (m, _) in RULES.items()} == {
+        "eps_high_neg": "rollout/repetition", "eps_low_neg": "rollout/response_length",
+        "eps_high_pos": "actor/entropy_correct", "eps_low_pos": "actor/entropy_correct"}
+    assert REGIME_OF_WINDOW == {"eps_high_pos": "pos_high", "eps_low_pos": "pos_low", "eps_high_neg": "neg_high",
+                                "eps_low_neg": "neg_low"}
+    assert REGIMES == ("pos_high", "pos_low", "neg_high", "neg_low")
+    cg, aw = compose([]).trainer.collapse_guard, compose([]).algorithm.adaptive_windows
+    # each side of each band, against the guard's limits (0.5, 2, 0.02, 5) and the controller's (0.2, 4, 0.05, 3)
+    assert [SIGNALS[s][1](v, cg) for s, v in (("repetition", 0.6), ("repetition", 0.5), ("length", 1.9),
+                                              ("length", 2.0), ("entropy_low", 0.01), ("entropy_low", 0.02),
+                                              ("entropy_high", 5.1), ("entropy_high", 5.0))] == [True, False] * 4
+    assert [RULES[w][1](v, aw) for w, v in (("eps_high_neg", 0.3), ("eps_high_neg", 0.2), ("eps_low_neg", 3.9),
+                                            ("eps_low_neg", 4.0), ("eps_high_pos", 0.04), ("eps_high_pos", 0.05),
+                                            ("eps_low_pos", 3.1), ("eps_low_pos", 3.0))] == [True, False] * 4
+
+
+_CONFIG_NAMES = {"cfg", "config", "algorithm", "algo", "aw", "cg", "tr"}  # the names the code gives it
+
+
+def _config_writes(path):
+    """Assignments and setattr calls whose target hangs off a name the code uses for the config."""
+    def is_cfg(node):  # x.cfg..., cfg.x..., self.cfg.x...
+        chain = []
+        while isinstance(node, ast.Attribute):
+            chain.append(node.attr)
+            node = node.value
+        return (isinstance(node, ast.Name) and node.id in _CONFIG_NAMES and chain) or "cfg" in chain[1:]
+
+    out = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
+            targets = [ast.Attribute(value=node.args[0], attr="?")]
+        out += [f"{path}:{node.lineno}" for t in targets if isinstance(t, ast.Attribute) and is_cfg(t)]
+    return out
+
+
+def test_no_code_writes_the_config_at_run_time(tmp_path):
+    """The config is read-only once composed (infra/config.py and infra/validation.py build it):
+    no module of the trainer, its actors or its algorithm assigns to it."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    skip = {os.path.join("dispo_ray", "infra", "config.py"), os.path.join("dispo_ray", "infra", "validation.py")}
+    found = []
+    for top in ("dispo_ray", "actors"):
+        for folder, _, files in os.walk(os.path.join(root, top)):
+            for f in files:
+                rel = os.path.relpath(os.path.join(folder, f), root)
+                if f.endswith(".py") and rel not in skip:
+                    found += _config_writes(os.path.join(root, rel))
+    assert found == []
+    probe = tmp_path / "probe.py"  # the check itself sees the writes the windows used to be
+    probe.write_text("def f(self, k, v):\n    setattr(self.cfg.algorithm, k, v)\n    self.cfg.algorithm.eps_low_pos = v\n")
+    assert len(_config_writes(str(probe))) == 2
 
 
 AW = ["algorithm.adaptive_windows.enabled=true", "algorithm.adaptive_windows.step_factor=1.5",
