@@ -52,8 +52,7 @@ class LearnerSyncMixin:
             return False
         from dispo_ray.sync.protocol import WeightSyncGroup
         device = torch.device("cuda", torch.cuda.current_device()) if self._sync_backend == "nccl" else None
-        self.sync_group = WeightSyncGroup(settings.backend, settings.host, settings.port, 0, settings.world_size,
-                                          timeout_s=settings.timeout_s, device=device)
+        self.sync_group = WeightSyncGroup.for_settings(settings, 0, device=device)
         return True
 
     @property

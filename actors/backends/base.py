@@ -65,8 +65,7 @@ class WeightReceiver:
     def __init__(self, settings: SyncSettings, rank: int, device: Optional[torch.device] = None):
         self.manifest = settings.specs()
         self.bucket_bytes, self.rank = int(settings.bucket_bytes), rank
-        self.group = WeightSyncGroup(settings.backend, settings.host, settings.port, rank, settings.world_size,
-                                     settings.timeout_s, device=device)
+        self.group = WeightSyncGroup.for_settings(settings, rank, device=device)
         # measured once the engine holds its memory: a bucket size that does not fit fails here,
         # at join, in one line naming learner.sync_bucket_mb
         try:

@@ -153,6 +153,12 @@ class WeightSyncGroup:
             self._teardown()
             raise WeightSyncError(f"weight sync: joining the group failed on {self.peer}: {e}") from e
 
+    @classmethod
+    def for_settings(cls, settings: Any, rank: int, device: Optional[torch.device] = None) -> "WeightSyncGroup":
+        """Join the group a :class:`~dispo_ray.sync.settings.SyncSettings` describes, as ``rank``."""
+        return cls(settings.backend, settings.host, settings.port, rank, settings.world_size,
+                   timeout_s=settings.timeout_s, device=device)
+
     # ------------------------------------------------------------------ formation / teardown
     def _form(self, host: str, port: int, join_s: float) -> None:
         store = bound_store(host, port, self.rank, self.world_size, join_s)
