@@ -324,3 +324,17 @@ def test_driver_gate_sees_readiness_and_its_abort_releases_waiting_receivers():
     p.join(timeout=30)
     assert "aborted before it started (abort: learner failed)" in msg and waited > 1.4
     group.close()
+
+
+def test_sync_settings_cross_an_rpc_as_plain_values():
+    # vLLM's RPC to a separate engine process serializes plain values only (tuples may come back as
+    # lists): the worker rebuilds the same settings, and the manifest the same ParamSpecs
+    import json
+
+    from dispo_ray.sync.settings import SyncSettings
+    specs = make_manifest(_tensors().items())
+    settings = SyncSettings("127.0.0.1", 1234, 3, specs, 4096, 5.0, "gloo")
+    wire = json.loads(json.dumps(settings.to_wire()))
+    assert SyncSettings.from_wire(wire) == settings and settings.specs() == specs
+    with pytest.raises(ValueError, match="gloo or nccl"):
+        SyncSettings("127.0.0.1", 1234, 3, specs, 4096, 5.0, "mpi")
