@@ -13,7 +13,8 @@ A rollback to checkpoint c (chosen by :class:`~dispo_ray.algorithm.collapse_guar
        they go back with it; the histogram of trained samples keeps counting);
     4. c's driver state is rewritten with the present windows (the widened one included) and
        guard history, and ``latest`` points at c: a crash now resumes on the new branch;
-    5. version c is broadcast to the generators, and a new producer starts at step c.
+    5. version c is broadcast to the generators and published (``WeightSync.restore``: the one
+       owner of the version takes it back with the branch), and a new producer starts at step c.
 
 Every sample trained after the rollback was sampled by a version >= c of the new branch, so the
 staleness bound ``0 <= s - v <= k`` holds as before (the gate asserts it on every batch). Metrics
