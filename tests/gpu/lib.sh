@@ -1,4 +1,4 @@
-# The decisions of tests/gpu/run.sh, as functions (sourced by run.sh; tests/test_gpu_kit.py runs
+# The decisions of tests/gpu/run.sh, as functions (sourced by run.sh; tests/gpu_on_cpu/test_gpu_kit.py runs
 # them with stub `nvidia-smi` / python executables on PATH, since this machine has no GPU).
 #
 #   pick_python          print the Python to build .venv-gpu with, or fail in one line

@@ -18,7 +18,7 @@
 # A check whose hardware is missing is reported SKIPPED with its reason. Exit status 1 (one line
 # saying why) when: no Python 3.11/3.12 is found; nvidia-smi lists GPUs that torch cannot see (the
 # driver is too old for CUDA 13); any check failed; or no check passed. The decisions live in
-# tests/gpu/lib.sh and tests/gpu/summary.py (tested on CPU by tests/test_gpu_kit.py).
+# tests/gpu/lib.sh and tests/gpu/summary.py (tested on CPU by tests/gpu_on_cpu/test_gpu_kit.py).
 #
 # A machine without Ray/vLLM and without network (the lent H100): see tests/gpu/kit (make gpu-kit).
 set -euo pipefail

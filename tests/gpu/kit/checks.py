@@ -7,7 +7,7 @@ Each check calls the logic of the pytest GPU checks in tests/gpu (``check_a``, `
 ``deepspeed_step``, ``logprob_peaks``, the generator's ``_setup``/``_run``, ``check_f``, ``check_g``),
 so the kit and ``tests/gpu/run.sh`` test the same things; here Ray is the kit's in-process stand-in
 and vLLM the kit's cut (NCCL only: no engine). ``--device cpu`` runs the checks that can over gloo
-(the kit's CPU test, tests/test_gpu_kit.py); ``--small`` shrinks their payloads.
+(the kit's CPU test, tests/gpu_on_cpu/test_gpu_kit.py); ``--small`` shrinks their payloads.
 """
 from __future__ import annotations
 
