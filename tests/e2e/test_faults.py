@@ -67,20 +67,33 @@ def test_retention_keeps_the_newest_and_the_protected(tmp_path):
 
 def test_the_guard_protects_the_checkpoint_its_rollback_would_restore():
     from dispo_ray.algorithm.collapse_guard import CollapseGuard
-    cfg = SimpleNamespace(enabled=True, action="rollback", max_rollbacks=3, patience=3)
-    g = CollapseGuard.__new__(CollapseGuard)
-    g.cfg, g.k, g.rollbacks, g.saved_steps = cfg, 0, 0, [0, 2, 4, 6]
-    g.streak = {"entropy": 0, "reward": 0}
+    from dispo_ray.infra.config import compose
+
+    def guard(k, action="rollback", patience=4):
+        cfg = compose([f"trainer.collapse_guard.action={action}", f"trainer.collapse_guard.patience={patience}",
+                       "trainer.save_every=1"]).trainer.collapse_guard
+        g = CollapseGuard(cfg, max_staleness=k)
+        for c in (0, 2, 4, 6):
+            g.record_checkpoint(c)
+        return g
+
     # no streak: the earliest one starts at step 7, its batches were sampled by c >= 5: restore c <= 5 -> 4
-    assert g.protected_checkpoints(6) == [4]
-    g.streak["reward"] = 2  # a streak began at step 5: c + 1 + k < 5 -> c <= 3 -> 2
+    assert guard(0).protected_checkpoints(6) == [4]
+    g = guard(0)
+    for step in (5, 6):  # repetition above its limit at steps 5 and 6: a streak that began at 5
+        assert g.update(step, {"rollout/repetition": 1.0}) == []
+    assert g.protected_checkpoints(6) == [2]  # c + 1 + k < 5 -> c <= 3 -> 2
+    g = guard(1)  # one step of staleness moves it back one more: c <= 2 -> 2
+    for step in (5, 6):
+        g.update(step, {"rollout/repetition": 1.0})
     assert g.protected_checkpoints(6) == [2]
-    g.k = 1  # one step of staleness moves it back one more: c <= 2 -> 2; then c <= 1 -> 0
-    assert g.protected_checkpoints(6) == [2]
-    g.streak["reward"] = 3
+    g.update(7, {"rollout/repetition": 1.0})  # began at 5, now at step 7: c <= 2 still
+    assert g.protected_checkpoints(7) == [2]
+    g = guard(1)
+    for step in (4, 5, 6):  # began at 4: c + 2 < 4 -> c <= 1 -> 0
+        g.update(step, {"rollout/repetition": 1.0})
     assert g.protected_checkpoints(6) == [0]
-    cfg.action = "warn"
-    assert g.protected_checkpoints(6) == []
+    assert guard(0, action="warn").protected_checkpoints(6) == []
 
 
 def test_no_space_is_named_and_the_partial_folder_removed(tmp_path):
@@ -95,12 +108,19 @@ def test_no_space_is_named_and_the_partial_folder_removed(tmp_path):
 
 def test_a_second_signal_stops_at_once_and_the_resume_command_keeps_the_overrides():
     from dispo_ray.infra.stop import StopNow, StopRequest, resume_command
-    req = StopRequest()
-    req._handle(signal.SIGINT, None)
-    assert req.requested and req.exit_code == 130 and req.name == "SIGINT"
-    with pytest.raises(StopNow) as e:
-        req._handle(signal.SIGINT, None)
-    assert e.value.signum == signal.SIGINT
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    req = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # a real signal to this (main) thread: recorded, nothing raised
+        time.sleep(0.05)
+        assert req.requested and req.exit_code == 130 and req.name == "SIGINT"
+        with pytest.raises(StopNow) as e:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler raises here, in the main thread
+        assert e.value.signum == signal.SIGINT
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     cmd = resume_command("/r un", ["algorithm=dapo", "trainer.run_dir=/old", "trainer.resume=false"])
     assert cmd == "python -m dispo_ray.main algorithm=dapo 'trainer.run_dir=/r un' trainer.resume=true"
 

@@ -161,9 +161,10 @@ def _staging_receiver(port, q):
             for name, t in it:  # cloned before the next one arrives (staged: the same buffer again)
                 alive.append(t)  # kept alive, so freed copies cannot lend their address to the next
                 got[name] = (t.data_ptr(), t.clone())
-            host = group._staging.get("host")
+            slots = group.staging_slots()
+            host = group.host_staging(slots["host"]) if "host" in slots else None  # the one kept, not a new one
             _put(q, (mode, version, got, None if host is None else (host.data_ptr(), host.numel()),
-                     sorted(k for k in group._staging)))
+                     sorted(slots)))
         group.close()
     except Exception as e:  # report to the test
         _put(q, ("error", repr(e)))
