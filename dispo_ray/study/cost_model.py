@@ -13,7 +13,7 @@ count (FLOPs, bytes). The growth exponents are first principles, not fitted: the
 
 The equations (docs/scaling.md has them with their derivations):
 
-    decode iteration  t_it(a, c) = max(W/tp + c*kv/tp) / (HBM * eta),  2*P*a/tp / (peak * eta))
+    decode iteration  t_it(a, c) = max((W + c*kv) / (tp*HBM), 2*P*a / (tp*peak)) / eta + t_floor
                       (a sequences alive, c KV tokens resident, W weight bytes, kv bytes/token)
     generate (k any)  engines E = gen_gpus / tp, n = samples / E per engine; the batch waits for its
                       longest sample: sum over decode iterations i <= L_max of t_it(alive(i), ...)
@@ -165,6 +165,16 @@ class Lengths:
         """E[(prompt + L)^2] (attention FLOPs grow with the square of each sequence)."""
         # E[f(L)] = f(0) + int f'(x) S(x) dx, f(x) = (prompt + x)^2
         return prompt ** 2 + self._integral(lambda x: 2.0 * (prompt + x))
+
+    @classmethod
+    def with_mean(cls, mean: float, p95_over_median: float, cap: int) -> "Lengths":
+        """The distribution of this spread and cap whose (truncated) mean is ``mean``."""
+        lo, hi = 1e-3, float(cap)
+        for _ in range(60):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if cls(mid, mid * p95_over_median, cap).mean < mean else (lo, mid)
+        m = math.sqrt(lo * hi)
+        return cls(m, m * p95_over_median, cap)
 
     def expected_max(self, n: int) -> float:
         """The batch's longest sample: the n/(n+1) quantile, at most ``cap``."""
@@ -414,7 +424,7 @@ CHECKS: List[Check] = [
     Check("verl 7B fully async 16:16: step", _FA, 294.77, "step_s", _verl(16, 16, False, True, 1)),
     Check("NeMo RL Llama-3.1-8B GRPO on-policy, 16 H100: step",
           "NeMo RL docs/about/performance-summary.md (v0.4)", 97.7, "step_s",
-          Setup(model=MODELS["llama3.1-8b"], lengths=Lengths(1060 * 300 / 480, 1060 * 2000 / 480, 4096),
+          Setup(model=MODELS["llama3.1-8b"], lengths=Lengths.with_mean(1060, 2000 / 300, 4096),
                 gen_gpus=16, learn_gpus=16, prompts=128, group=16, prompt_tokens=0.0, tp=1,
                 gpu=GPUS["h100"], colocated=True, logprob_pass=True, reward_workers=512)),
     Check("verl Qwen2.5-Math-7B sync, 4 -> 4 H20 in one node (Megatron)", _FA + " (checkpoint-engine table)",
