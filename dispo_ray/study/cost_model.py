@@ -37,7 +37,10 @@ _N01 = statistics.NormalDist()
 SOURCES: Dict[str, str] = {
     "qwen_shapes": "Qwen2.5 technical report (arXiv 2412.15115) and the models' config.json on the "
                    "Hugging Face hub (Qwen/Qwen2.5-1.5B, -7B, -14B)",
-    "llama_shape": "meta-llama/Llama-3.1-8B config.json on the Hugging Face hub",
+    "llama_shape": "meta-llama/Llama-3.1-8B and mistralai/Mistral-7B-v0.3 config.json on the Hugging Face hub",
+    "tpot": "vLLM on 1x H100 SXM, 10 prompts at once, median time per output token: Llama-3-8B-Instruct "
+            "7.56 ms, Mistral-7B-Instruct-v0.3 7.06 ms (https://github.com/LambdaLabsML/vllm-benchmark, "
+            "results/prompt_10/1xH100-80GB-SXM/*_tp1_len2048.json)",
     "h100": "NVIDIA H100 SXM5: 989.4 TFLOPS dense BF16, 3.35 TB/s HBM3, 80 GB, NVLink 900 GB/s "
             "bidirectional (https://glennklockwood.com/garden/processors/h100, NVIDIA datasheet values)",
     "h20": "NVIDIA H20: 148 TFLOPS dense FP16/BF16, 96 GB HBM3 at 4.0 TB/s, NVLink 900 GB/s "
@@ -104,6 +107,7 @@ MODELS: Dict[str, ModelShape] = {  # SOURCES["qwen_shapes"], SOURCES["llama_shap
     "7b": ModelShape("Qwen2.5-7B", 28, 3584, 28, 4, 18944, 152064, tied=False),
     "14b": ModelShape("Qwen2.5-14B", 48, 5120, 40, 8, 13824, 152064, tied=False),
     "llama3.1-8b": ModelShape("Llama-3.1-8B", 32, 4096, 32, 8, 14336, 128256, tied=False, qkv_bias=False),
+    "mistral-7b": ModelShape("Mistral-7B-v0.3", 32, 4096, 32, 8, 14336, 32768, tied=False, qkv_bias=False),
 }
 
 
@@ -182,12 +186,13 @@ class Lengths:
         return min(float(self.cap), self.median * math.exp(self.sigma * _N01.inv_cdf(q)))
 
 
-# The roofline alone puts a TP-4 engine's decode iteration at ~1.2 ms; verl's colocated gen (177.85 s
-# for a tail of ~15k tokens) needs a fixed per-iteration cost on top (scheduling, sampling, TP
-# all-reduces, launches). It is the second calibrated input, fitted on that one number; the
-# sizing table uses it too (docs/scaling.md, limits).
-# verl's fully-async recipe: see _verl below.
-DECODE_FLOOR_S = 0.0101  # = calibrate_decode_floor() rounded, checked in tests
+# The roofline alone misses a fixed cost per decode iteration (scheduling, sampling over the
+# vocabulary, launches; with tp > 1 the all-reduces). Two calibrated constants, each fitted on one
+# published number (docs/scaling.md, limits):
+# - one GPU per engine: Llama-3-8B's median time per output token on one H100 (SOURCES["tpot"]);
+# - tp > 1: verl's colocated 128-GPU gen time (H20, TP 4, a tail of ~15k tokens: 177.85 s).
+DECODE_FLOOR_TP1_S = 0.0012  # = calibrate_decode_floor_tp1() rounded, checked in tests
+DECODE_FLOOR_TP_S = 0.0101   # = calibrate_decode_floor() rounded, checked in tests
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,7 @@ class Setup:
     reward_workers: int = 32
     # efficiencies
     decode_eta: float = 0.77           # SOURCES["decode_eta"]
-    decode_floor_s: float = DECODE_FLOOR_S  # fixed seconds per decode iteration (calibrated)
+    decode_floor_s: Optional[float] = None  # fixed seconds per decode iteration; None: by tp (calibrated)
     mfu: float = 0.223                 # SOURCES["mfu"]
     deepspeed_ratio: float = 0.96      # SOURCES["repo"]: DeepSpeed step / bare AdamW
     actor_ratio: float = 1.00          # SOURCES["repo"]: generator actor / engine direct
@@ -232,7 +237,10 @@ def decode_iteration_s(s: Setup, alive: float, kv_tokens: float) -> float:
     m, g = s.model, s.gpu
     mem = (m.weight_bytes + kv_tokens * m.kv_bytes_per_token) / s.tp / g.hbm_bytes_s
     flops = 2.0 * m.matmul_params * alive / s.tp / g.peak_flops
-    return max(mem, flops) / s.decode_eta + s.decode_floor_s
+    floor = s.decode_floor_s
+    if floor is None:
+        floor = DECODE_FLOOR_TP1_S if s.tp == 1 else DECODE_FLOOR_TP_S
+    return max(mem, flops) / s.decode_eta + floor
 
 
 def engine_batch_limit(s: Setup) -> float:
@@ -389,14 +397,31 @@ class Check:
     name: str
     source: str
     published: float
-    quantity: str   # which model output: step_s, generate_s, train_s, sync_s
+    quantity: str   # which model output: step_s, generate_s, train_s, sync_s, tpot_s
     setup: Setup
     calibrated: bool = False
 
     def model(self) -> float:
         if self.quantity == "sync_s":
             return sync_s(self.setup)
+        if self.quantity == "tpot_s":
+            return tpot_s(self.setup)
         return step(self.setup).as_dict()[self.quantity]
+
+
+# Lambda's vLLM runs: 10 prompts at once; ~10 sequences alive holding ~2,300 KV tokens (their
+# total input + half their total output tokens)
+def _tpot_setup(model: str) -> Setup:
+    return Setup(model=MODELS[model], lengths=Lengths(100, 200, 1000), gen_gpus=1, learn_gpus=1, tp=1)
+
+
+def tpot_s(s: Setup) -> float:
+    return decode_iteration_s(s, alive=10, kv_tokens=2300)
+
+
+def calibrate_decode_floor_tp1(target: float = 0.007558) -> float:
+    s = _tpot_setup("llama3.1-8b")
+    return target - decode_iteration_s(replace(s, decode_floor_s=0.0), alive=10, kv_tokens=2300)
 
 
 _FA = "verl docs/advance/fully_async.md"
@@ -410,6 +435,10 @@ def _sync_only(params: float, gen: int, learn: int, gpu: str, zero: int = 2) -> 
 
 
 CHECKS: List[Check] = [
+    Check("vLLM Llama-3-8B, 1 H100, 10 prompts: time per output token", SOURCES["tpot"].split("(")[1].split(",")[0],
+          0.007558, "tpot_s", _tpot_setup("llama3.1-8b"), calibrated=True),
+    Check("vLLM Mistral-7B-v0.3, 1 H100, 10 prompts: time per output token",
+          SOURCES["tpot"].split("(")[1].split(",")[0], 0.007057, "tpot_s", _tpot_setup("mistral-7b")),
     Check("verl 7B colocated sync, 128 GPUs: step", _FA, 356.30, "step_s", _verl(128, 128, True, False, 0)),
     Check("verl 7B colocated sync, 128 GPUs: gen", _FA, 177.85, "generate_s", _verl(128, 128, True, False, 0),
           calibrated=True),
@@ -454,7 +483,7 @@ SIZING_TOTALS = (8, 16, 64)
 def sizing_setup(model: str, gen: int, learn: int, k: int, tp: Optional[int] = None) -> Setup:
     shape = MODELS[model]
     return Setup(model=shape, lengths=SIZING_LENGTHS, gen_gpus=gen, learn_gpus=learn, prompts=128, group=16,
-                 prompt_tokens=256.0, tp=tp or (2 if model == "14b" else 1), zero_stage=3, k=k,
+                 prompt_tokens=256.0, tp=tp or 1, zero_stage=3, k=k,
                  gpu=GPUS["h100"], reward_workers=64)
 
 
@@ -462,7 +491,7 @@ def best_split(model: str, total: int, k: int, tolerance: float = 0.02) -> Dict[
     """The generator/learner split of ``total`` GPUs with the shortest predicted step; among the
     splits within ``tolerance`` of it, the one with the most learner GPUs (headroom for longer
     responses: training grows with the mean length, generation with the longest)."""
-    tp = 2 if model == "14b" else 1
+    tp = 1
     found = []
     for gen in range(tp, total, tp):
         try:

@@ -109,7 +109,17 @@ def test_the_longest_sample_sets_synchronous_generation_not_streaming():
 
 def test_the_calibrated_constants_are_what_their_fits_give():
     assert round(cm.calibrate_verl_median()) == cm.VERL_MEDIAN
-    assert cm.calibrate_decode_floor() == pytest.approx(cm.DECODE_FLOOR_S, abs=5e-5)
+    assert cm.calibrate_decode_floor() == pytest.approx(cm.DECODE_FLOOR_TP_S, abs=5e-5)
+    assert cm.calibrate_decode_floor_tp1() == pytest.approx(cm.DECODE_FLOOR_TP1_S, abs=5e-5)
+
+
+def test_the_decode_floor_follows_the_tensor_parallel_size():
+    s = _setup(decode_floor_s=None)
+    roof = cm.decode_iteration_s(replace(s, decode_floor_s=0.0), 1, 0)
+    assert cm.decode_iteration_s(s, 1, 0) == pytest.approx(roof + cm.DECODE_FLOOR_TP1_S, rel=1e-12)
+    s4 = replace(s, tp=4)
+    roof4 = cm.decode_iteration_s(replace(s4, decode_floor_s=0.0), 1, 0)
+    assert cm.decode_iteration_s(s4, 1, 0) == pytest.approx(roof4 + cm.DECODE_FLOOR_TP_S, rel=1e-12)
 
 
 def test_a_model_that_does_not_fit_is_a_one_line_error():
