@@ -25,6 +25,7 @@ import torch
 from actors.learner_sync import LearnerSyncMixin
 from dispo_ray.algorithm.logprobs import causal_token_logprobs
 from dispo_ray.algorithm.losses import get_policy_loss, merge_raw_metrics
+from dispo_ray.algorithm.packing import empty_forward, packed_forward, select_rows
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
 
@@ -37,10 +38,12 @@ class _PolicyLogProbs(torch.nn.Module):
         super().__init__()
         self.lm, self.chunk_size = lm, chunk_size
 
-    def forward(self, input_ids, attention_mask, response_mask=None):
+    def forward(self, input_ids, attention_mask, response_mask=None, position_ids=None):
         backbone = getattr(self.lm, self.lm.base_model_prefix)
-        # no KV cache: a training forward never decodes, and a cache would hold every layer's K/V
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # no KV cache: a training forward never decodes, and a cache would hold every layer's K/V.
+        # Packed rows (dispo_ray.algorithm.packing) pass position_ids restarting per sequence and no mask.
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
         return causal_token_logprobs(hidden, self.lm.get_output_embeddings(), input_ids,
                                      self.chunk_size, mask=response_mask)
 
@@ -119,15 +122,19 @@ def _slice(batch: Dict[str, torch.Tensor], lo: int, hi: int) -> Dict[str, torch.
     return {k: (v[:, :max(T, 2)] if v.dim() == 2 else v) for k, v in part.items()}
 
 
-def load_policy_model(model_path: str, dtype: str) -> torch.nn.Module:
+def load_policy_model(model_path: str, dtype: str, packed: bool = False) -> torch.nn.Module:
     """The HF causal LM in ``model.dtype``: DeepSpeed trains bf16/fp16 weights with fp32 master
     copies made from them, so loading fp32 first only cost host memory (28 GB per rank at 7B
     before DeepSpeed cast it down) and changed no value. Its LM head computes fp32 logits
-    (:func:`dispo_ray.algorithm.logprobs.fp32_logits_head`)."""
+    (:func:`dispo_ray.algorithm.logprobs.fp32_logits_head`). ``packed``: sdpa attention becomes
+    one causal sdpa per packed sequence (:func:`dispo_ray.algorithm.packing.packed_sdpa_attention`)."""
     from transformers import AutoModelForCausalLM
 
     from dispo_ray.algorithm.logprobs import fp32_logits_head
     lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    if packed and lm.config._attn_implementation == "sdpa":  # eager, flash_attention_2: their own packing
+        from dispo_ray.algorithm.packing import register_packed_sdpa
+        lm.set_attn_implementation(register_packed_sdpa())
     fp32_rotary_buffers(lm)
     fp32_logits_head(lm.get_output_embeddings())
     return lm
@@ -245,7 +252,7 @@ class LearnerWorker(LearnerSyncMixin):
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(config)
         torch.manual_seed(self.cfg.trainer.seed)
-        lm = load_policy_model(self.model_path, self.cfg.model.dtype)
+        lm = load_policy_model(self.model_path, self.cfg.model.dtype, packed=l.max_tokens_per_micro_batch > 0)
         local_fraction = _local_param_fraction(lm)
         if l.gradient_checkpointing:  # recompute each decoder layer in backward (non-reentrant: ZeRO-3 safe)
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -263,7 +270,8 @@ class LearnerWorker(LearnerSyncMixin):
         self.loss_fn = get_policy_loss(self.cfg.algorithm.name)
         return {"rank": self.rank, "backend": backend, "device": str(self.device),
                 "zero_stage": self.engine.zero_optimization_stage(), "loaded_param_fraction": local_fraction,
-                "gradient_checkpointing": bool(lm.is_gradient_checkpointing)}
+                "gradient_checkpointing": bool(lm.is_gradient_checkpointing),
+                "attn_implementation": lm.config._attn_implementation}
 
     def _to_dev(self, mb: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in mb.items()}
@@ -285,8 +293,11 @@ class LearnerWorker(LearnerSyncMixin):
         return out
 
     def train_step(self, shards: Sequence[Dict[str, torch.Tensor]], global_tokens: Sequence[float],
-                   global_seqs: Sequence[float], windows: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-        """One optimizer step per shard (= this rank's part of one mini-batch). ``windows``: DISPO's
+                   global_seqs: Sequence[float], windows: Optional[Dict[str, float]] = None,
+                   plans: Optional[Sequence[List[List[int]]]] = None) -> Dict[str, Any]:
+        """One optimizer step per shard (= this rank's part of one mini-batch). ``plans[m]``: the
+        shard's packed micro-batches (row indices, ``[]`` = empty; :mod:`dispo_ray.algorithm.packing`),
+        None: ``micro_batch_size`` rows each, padded. ``windows``: DISPO's
         clip windows this batch trains with, passed to the loss (None: the configured
         ``algorithm.eps_*``; :func:`dispo_ray.algorithm.windows.resolve`); the config is never
         written, and ``windows_used`` tells what the latest step's loss read. Returns raw sums
@@ -297,7 +308,8 @@ class LearnerWorker(LearnerSyncMixin):
         if len(shards) != len(global_tokens) or len(shards) != len(global_seqs):
             raise ValueError("train_step: shards, global_tokens and global_seqs differ in length")
         is_w: List[Optional[torch.Tensor]] = [None] * len(shards)
-        out: Dict[str, Any] = {"loss": [], "grad_norm": [], "lr": []}
+        out: Dict[str, Any] = {"loss": [], "grad_norm": [], "lr": [],
+                               "mismatch_abs_sum": 0.0, "mismatch_kl_sum": 0.0, "mismatch_n": 0.0}
         if algo.mismatch_is_cap > 0:  # truncated IS on the engine mismatch, from a pre-update pass
             for m, shard in enumerate(shards):
                 lp = self.compute_log_probs(shard)
@@ -306,14 +318,24 @@ class LearnerWorker(LearnerSyncMixin):
         raws = []
         for m, shard in enumerate(shards):
             n = shard["input_ids"].shape[0]
-            starts = list(range(0, n, l.micro_batch_size))
+            micro = plans[m] if plans is not None else [list(range(lo, min(n, lo + l.micro_batch_size)))
+                                                        for lo in range(0, n, l.micro_batch_size)]
             lr = float(self.optimizer.param_groups[0]["lr"])
             loss_sum = 0.0
-            for k, lo in enumerate(starts):
-                part = dict(shard, **({"is_weights": is_w[m]} if is_w[m] is not None else {}))
-                mb = self._to_dev(_slice(part, lo, lo + l.micro_batch_size))
-                self.engine.set_gradient_accumulation_boundary(k == len(starts) - 1)
-                lp, ent = self._forward(mb)
+            part = dict(shard, **({"is_weights": is_w[m]} if is_w[m] is not None else {}))
+            for k, rows in enumerate(micro):
+                self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+                if not rows:  # an empty packed micro-batch: same collectives, zero loss and gradient
+                    self.engine.backward(empty_forward(self.engine, self.device), scale_wrt_gas=False)
+                    norm = self._stage0_grad_norm() if k == len(micro) - 1 else None
+                    self.engine.step()
+                    continue
+                if plans is None:
+                    mb = self._to_dev(_slice(part, rows[0], rows[-1] + 1))
+                    lp, ent = self._forward(mb)
+                else:
+                    mb = self._to_dev(select_rows(part, rows))
+                    lp, ent = packed_forward(self.engine, mb)
                 lp = lp.float()
                 if m == 0 and k == 0:  # before any update: generator-vs-learner mismatch
                     out.update(self._mismatch(lp.detach(), mb))
@@ -322,8 +344,10 @@ class LearnerWorker(LearnerSyncMixin):
                     response_mask=mb["response_mask"], config=algo, loss_agg_mode=algo.loss_agg_mode,
                     global_tokens=float(global_tokens[m]), global_seqs=float(global_seqs[m]),
                     entropy=ent, correct=mb["correct"], is_weights=mb.get("is_weights"), windows=windows)
+                if loss.grad_fn is None:  # no response token in it: a zero loss through every parameter
+                    loss = loss + empty_forward(self.engine, self.device)
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                norm = self._stage0_grad_norm() if k == len(starts) - 1 else None
+                norm = self._stage0_grad_norm() if k == len(micro) - 1 else None
                 self.engine.step()
                 loss_sum += float(loss.detach())
                 raws.append(raw)

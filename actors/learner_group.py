@@ -7,6 +7,10 @@ Batch split for ``train_step`` (B samples, M = ``learner.mini_batches``, W ranks
     rank r's share of m = rows r, r+W, r+2W, ... of mini-batch m  (strided: balances lengths)
     micro-batches       = that share in chunks of ``learner.micro_batch_size`` (grad accumulation)
 
+With ``learner.max_tokens_per_micro_batch > 0`` the ranks' shares and their micro-batches come from
+:func:`dispo_ray.algorithm.packing.plan_packed_micro_batches` instead (balanced by tokens, packed
+into token budgets, the same micro-batch count on every rank).
+
 B must be divisible by M*W, so every rank runs the same number of micro-batches (ZeRO's
 collectives need that). The token count (and non-empty sequence count) of each whole mini-batch
 is computed here and passed to every rank, which makes the sum of micro-batch losses the exact
@@ -20,6 +24,7 @@ import torch
 
 from actors.learner import LearnerActor
 from dispo_ray.algorithm.losses import merge_raw_metrics, summarize_metrics
+from dispo_ray.algorithm.packing import packed_shards
 from dispo_ray.infra.placement import pin, wait_for_node_resource
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "old_log_probs", "advantages", "correct")
@@ -102,14 +107,20 @@ class LearnerGroup:
             raise ValueError(f"train_step: batch of {B} samples is not divisible by learner.mini_batches"
                              f" * learner.num_actors = {M} * {W}")
         batch = {k: batch[k] for k in _BATCH_KEYS}
-        per_rank: List[List[Any]] = [[[], [], [], windows] for _ in range(W)]
+        budget = self.cfg.learner.max_tokens_per_micro_batch
+        per_rank: List[List[Any]] = [[[], [], [], windows] + ([[]] if budget else []) for _ in range(W)]
         size = B // M
         for m in range(M):
             mini = {k: v[m * size:(m + 1) * size] for k, v in batch.items()}
             mask = mini["response_mask"]
             tokens, seqs = float(mask.sum()), float((mask.sum(-1) > 0).sum())
+            packed = packed_shards(mini, budget, W) if budget else None
             for r in range(W):
-                per_rank[r][0].append({k: v[r::W].contiguous() for k, v in mini.items()})
+                if packed is None:
+                    per_rank[r][0].append({k: v[r::W].contiguous() for k, v in mini.items()})
+                else:  # this rank's rows in micro-batch order, and its micro-batches
+                    per_rank[r][0].append(packed[r][0])
+                    per_rank[r][4].append(packed[r][1])
                 per_rank[r][1].append(tokens)
                 per_rank[r][2].append(seqs)
         outs = self._all("train_step", per_rank=per_rank)

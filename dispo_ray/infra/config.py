@@ -196,6 +196,9 @@ class LearnerConfig:
     grad_clip: float = key(ge=0, note="0 = off")
     mini_batches: int = key(ge=1)  # optimizer steps per rollout batch
     micro_batch_size: int = key(ge=1)  # per rank, per forward/backward
+    # > 0: packed micro-batches of at most this many tokens per rank (dispo_ray.algorithm.packing);
+    # validate() wants it >= data.max_prompt_length + generator.max_new_tokens
+    max_tokens_per_micro_batch: int = key(ge=0, note="0 = off: micro_batch_size samples, padded")
     logprob_chunk_size: int = key(ge=1)  # tokens per chunk of the log-prob/entropy computation
     sync_bucket_mb: int = key(ge=1)  # weight-broadcast bucket size
     sync_timeout_s: float = key(gt=0)

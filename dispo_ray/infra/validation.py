@@ -32,6 +32,10 @@ def validate(c: Any) -> None:
     check(r.overlong_buffer < g.max_new_tokens or r.overlong_buffer == 0, "reward.overlong_buffer",
           r.overlong_buffer, f"< generator.max_new_tokens={g.max_new_tokens}")
 
+    longest = c.data.max_prompt_length + g.max_new_tokens
+    check(l.max_tokens_per_micro_batch == 0 or l.max_tokens_per_micro_batch >= longest,
+          "learner.max_tokens_per_micro_batch", l.max_tokens_per_micro_batch,
+          f"0 (off) or >= data.max_prompt_length + generator.max_new_tokens = {longest} (the longest sequence)")
     samples = tr.prompts_per_step * a.group_size
     ranks_x_minis = l.num_actors * l.mini_batches
     check(samples % ranks_x_minis == 0, "trainer.prompts_per_step", tr.prompts_per_step,

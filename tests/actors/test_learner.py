@@ -67,6 +67,17 @@ def _lr(step: int, total: int) -> float:
     return LR * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (total - WARMUP)))
 
 
+def reference_update(lm, opt, loss, lr: float) -> float:
+    """One reference optimizer step at ``lr``: backward, clip to 1.0, AdamW; returns the norm."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad()
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0))
+    opt.step()
+    return norm
+
+
 def _reference_run(model_path, batches, algo):
     """Single process, full mini-batch, hand-written DISPO token-mean loss."""
     from transformers import AutoModelForCausalLM
@@ -86,12 +97,7 @@ def _reference_run(model_path, batches, algo):
             hi = torch.where(adv > 0, 1 + algo.eps_high_pos, 1 + algo.eps_high_neg)
             w = torch.minimum(torch.maximum(r, lo), hi).detach()
             loss = (-w * adv * lp * mask).sum() / mask.sum()
-            for group in opt.param_groups:
-                group["lr"] = _lr(step, 4 * M)
-            opt.zero_grad()
-            loss.backward()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)))
-            opt.step()
+            norms.append(reference_update(lm, opt, loss, _lr(step, 4 * M)))
             losses.append(float(loss.detach()))
             step += 1
         history.append({"loss": sum(losses) / M, "grad_norm": sum(norms) / M})
