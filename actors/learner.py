@@ -115,13 +115,6 @@ def make_optimizer(params, l: Any, config: Dict[str, Any]) -> torch.optim.Optimi
     return torch.optim.AdamW(params, **kw)
 
 
-def _slice(batch: Dict[str, torch.Tensor], lo: int, hi: int) -> Dict[str, torch.Tensor]:
-    """Rows lo:hi, with the columns trimmed to the longest sequence among them."""
-    part = {k: v[lo:hi] for k, v in batch.items()}
-    T = int(part["attention_mask"].sum(-1).max().item()) if hi > lo else 1
-    return {k: (v[:, :max(T, 2)] if v.dim() == 2 else v) for k, v in part.items()}
-
-
 def load_policy_model(model_path: str, dtype: str, packed: bool = False) -> torch.nn.Module:
     """The HF causal LM in ``model.dtype``: DeepSpeed trains bf16/fp16 weights with fp32 master
     copies made from them, so loading fp32 first only cost host memory (28 GB per rank at 7B
@@ -287,7 +280,7 @@ class LearnerWorker(LearnerSyncMixin):
         mbs = self.cfg.learner.micro_batch_size
         with torch.no_grad():
             for lo in range(0, batch["input_ids"].shape[0], mbs):
-                mb = self._to_dev(_slice(batch, lo, lo + mbs))
+                mb = self._to_dev(select_rows(batch, range(lo, min(lo + mbs, out.shape[0]))))
                 lp, _ = self._forward(mb)
                 out[lo:lo + mbs, :lp.shape[1]] = lp.float().cpu()
         return out
@@ -325,27 +318,20 @@ class LearnerWorker(LearnerSyncMixin):
             part = dict(shard, **({"is_weights": is_w[m]} if is_w[m] is not None else {}))
             for k, rows in enumerate(micro):
                 self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
-                if not rows:  # an empty packed micro-batch: same collectives, zero loss and gradient
-                    self.engine.backward(empty_forward(self.engine, self.device), scale_wrt_gas=False)
-                    norm = self._stage0_grad_norm() if k == len(micro) - 1 else None
-                    self.engine.step()
-                    continue
-                if plans is None:
-                    mb = self._to_dev(_slice(part, rows[0], rows[-1] + 1))
-                    lp, ent = self._forward(mb)
-                else:
+                loss, raw = torch.zeros((), device=self.device), {}  # an empty packed micro-batch
+                if rows:
                     mb = self._to_dev(select_rows(part, rows))
-                    lp, ent = packed_forward(self.engine, mb)
-                lp = lp.float()
-                if m == 0 and k == 0:  # before any update: generator-vs-learner mismatch
-                    out.update(self._mismatch(lp.detach(), mb))
-                loss, raw = self.loss_fn(
-                    log_probs=lp, old_log_probs=mb["old_log_probs"], advantages=mb["advantages"],
-                    response_mask=mb["response_mask"], config=algo, loss_agg_mode=algo.loss_agg_mode,
-                    global_tokens=float(global_tokens[m]), global_seqs=float(global_seqs[m]),
-                    entropy=ent, correct=mb["correct"], is_weights=mb.get("is_weights"), windows=windows)
-                if loss.grad_fn is None:  # no response token in it: a zero loss through every parameter
-                    loss = loss + empty_forward(self.engine, self.device)
+                    lp, ent = packed_forward(self.engine, mb) if plans else self._forward(mb)
+                    lp = lp.float()
+                    if m == 0 and k == 0:  # before any update: generator-vs-learner mismatch
+                        out.update(self._mismatch(lp.detach(), mb))
+                    loss, raw = self.loss_fn(
+                        log_probs=lp, old_log_probs=mb["old_log_probs"], advantages=mb["advantages"],
+                        response_mask=mb["response_mask"], config=algo, loss_agg_mode=algo.loss_agg_mode,
+                        global_tokens=float(global_tokens[m]), global_seqs=float(global_seqs[m]),
+                        entropy=ent, correct=mb["correct"], is_weights=mb.get("is_weights"), windows=windows)
+                if loss.grad_fn is None:  # empty, or no response token: a zero loss through every parameter,
+                    loss = loss + empty_forward(self.engine, self.device)  # so the collectives still pair up
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                 norm = self._stage0_grad_norm() if k == len(micro) - 1 else None
                 self.engine.step()

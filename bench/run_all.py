@@ -50,7 +50,7 @@ DEFAULT_BUDGET_S, DEFAULT_BUDGET_QUICK_S = 300.0, 120.0  # per module, unless it
 KNOWN_BUDGETS = {"bench_reward": (400.0, 150.0)}  # (full, quick) for modules that declare none: 131 s
                                                   # on a quiet 2-core machine, > 300 s under load
 TOTAL_BUDGET_S, TOTAL_BUDGET_QUICK_S = 2700.0, 1200.0  # the whole run: 20 minutes + the TRL peer benchmark
-ORDER = ("reward", "learner", "sync", "generator", "async")  # run first, in this order; then the rest
+ORDER = ("reward", "learner", "packing", "sync", "generator", "async")  # run first, in this order; then the rest
 _BUDGET_RE = re.compile(r"^(BUDGET_S|BUDGET_QUICK_S)\s*(?::\s*\w+\s*)?=\s*([0-9.]+)", re.M)
 
 # The environment every benchmark needs, as the Makefile exports it (so `python -m bench.run_all`
