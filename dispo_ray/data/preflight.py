@@ -101,7 +101,8 @@ def _first_line(e: BaseException) -> str:
 def check_gpu_node(cfg: Any) -> None:
     """GPUs asked for, and this node has an NVIDIA driver (``nvidia-smi`` answers) whose GPUs
     torch cannot see: one line naming the driver version (the CUDA 13 wheels need >= 580), before
-    any pool starts. A node without a driver (a CPU head pod) is skipped: each GPU actor checks
+    any pool starts. A node without a driver fails too when the run would start a local Ray (no GPU
+    could ever join it); joining a cluster (a CPU head pod) it is skipped: each GPU actor checks
     its own node at start-up (``dispo_ray.infra.devices.check_cuda_startup``). Nothing is
     imported or run when no pool asks for GPUs."""
     from dispo_ray.infra.devices import cuda_startup_error, nvidia_driver_version, uses_cuda
@@ -111,6 +112,13 @@ def check_gpu_node(cfg: Any) -> None:
         return
     driver = nvidia_driver_version()
     if driver is None:
+        from dispo_ray.infra.placement import cluster_address
+
+        if cluster_address(cfg) is None:  # a local Ray: its GPUs can only be this machine's
+            pool = "learner" if float(cfg.learner.num_gpus_per_actor) > 0 else "generator"
+            raise InputError(f"{pool}.num_gpus_per_actor={float(getattr(cfg, pool).num_gpus_per_actor):g} (e.g. +preset=gpu) "
+                             f"asks for GPUs, but this machine has no NVIDIA driver (nvidia-smi not found) and the "
+                             f"run would start a local Ray: run it on a GPU node, or join a cluster (cluster.address)")
         return
     import torch
 

@@ -10,8 +10,9 @@ unit admits 1 / PIN_AMOUNT = 100 actors per node. ``node_resource: null`` places
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 PIN_AMOUNT = 0.01
 
@@ -37,3 +38,14 @@ def wait_for_node_resource(resource: Optional[str], key: str, timeout_s: float, 
                 f"(start that worker group with rayStartParams resources: '{{\"{resource}\": 1}}', "
                 f"or set {key}=null to place the pool anywhere)")
         time.sleep(poll_s)
+
+
+def cluster_address(cfg: Any) -> Optional[str]:
+    """Where Ray runs: ``cluster.address`` when set; else ``auto`` (join) when this process is a
+    Ray job's entrypoint (``ray job submit`` sets ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and points
+    ``RAY_ADDRESS`` at the cluster) or ``RAY_ADDRESS`` is set; else None (start a local Ray)."""
+    if cfg.cluster.address:
+        return cfg.cluster.address
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    return None

@@ -7,8 +7,10 @@ What sends them: ``ray job stop`` (SIGTERM to the entrypoint's processes, SIGKIL
 The first signal only sets :attr:`StopRequest.signum`: the loop finishes the step it is training
 (or abandons the rollout it is waiting for), saves a checkpoint unless ``trainer.save_on_stop`` is
 false, shuts the pools down and exits ``128 + signum`` (143 for SIGTERM, 130 for SIGINT) with one
-line naming the checkpoint and the resume command. A second signal raises :class:`StopNow` at
-once: no save, exit ``128 + signum``.
+line naming the checkpoint and the resume command. A second Ctrl-C raises :class:`StopNow` at
+once: no save, exit 130. Repeated SIGTERMs change nothing (``timeout`` sends its signal to the
+child and again to the process group, so one stop arrives twice), nor does a SIGINT within
+``DEBOUNCE_S`` of the first (a terminal delivers one Ctrl-C to the group, which a wrapper may pass on).
 
 The handlers must be (re)installed after ``ray.init``: Ray's core worker installs a C++ SIGTERM
 handler in the driver that dumps a stack and aborts (exit 134).
@@ -19,9 +21,11 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from typing import List, Optional
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEBOUNCE_S = 0.5
 
 
 class StopNow(BaseException):
@@ -37,6 +41,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self.at = 0.0  # monotonic time of the first signal
         self.event = threading.Event()
 
     def install(self) -> "StopRequest":
@@ -46,10 +51,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal API
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum, self.at = signum, time.monotonic()
+            self.event.set()
+        elif signum == signal.SIGINT and time.monotonic() - self.at >= DEBOUNCE_S:
             raise StopNow(signum)
-        self.signum = signum
-        self.event.set()
 
     @property
     def requested(self) -> bool:

@@ -168,6 +168,7 @@ class Trainer:
         from dispo_ray.algorithm.adaptive_windows import AdaptiveWindows
         from dispo_ray.algorithm.collapse_guard import CollapseGuard
         from dispo_ray.infra.metrics_log import MetricsLogger
+        from dispo_ray.infra.run_state import checkpoint_dir
         from dispo_ray.rollout.checkpointing import resume, save
         from dispo_ray.rollout.rollback import after_step, roll_back
 
@@ -227,8 +228,8 @@ class Trainer:
                     break
             if STOP.requested:
                 self.stopped_by = STOP.name
-                if tr.save_on_stop and self.step > 0:
-                    checkpoint = checkpoint if checkpoint and checkpoint.endswith(f"step_{self.step}") else save(self)
+                if tr.save_on_stop and self.step > 0 and checkpoint != checkpoint_dir(self.run_dir, self.step):
+                    checkpoint = save(self)  # unless this very step was just saved
             elif self.step == tr.total_steps and tr.export_final:
                 self.learners.export_hf(os.path.join(self.run_dir, "final_hf"))
         finally:

@@ -16,7 +16,9 @@ import random
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+from dispo_ray.infra.placement import cluster_address
 
 
 class StartupClock:
@@ -80,17 +82,6 @@ def start_concurrently(builders: Dict[str, Callable[[], Any]], clock: StartupClo
         order = list(builders)
         raise min(errors, key=lambda ne: order.index(ne[0]))[1]
     return {name: built[name] for name in builders}
-
-
-def cluster_address(cfg: Any) -> Optional[str]:
-    """Where Ray runs: ``cluster.address`` when set; else ``auto`` (join) when this process is a
-    Ray job's entrypoint (``ray job submit`` sets ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and points
-    ``RAY_ADDRESS`` at the cluster) or ``RAY_ADDRESS`` is set; else None (start a local Ray)."""
-    if cfg.cluster.address:
-        return cfg.cluster.address
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_ADDRESS"):
-        return "auto"
-    return None
 
 
 def init_ray(cfg: Any) -> None:

@@ -106,14 +106,24 @@ def test_no_space_is_named_and_the_partial_folder_removed(tmp_path):
     assert "failed: PermissionError" in str(other) and "no space" not in str(other)
 
 
-def test_a_second_signal_stops_at_once_and_the_resume_command_keeps_the_overrides():
-    from dispo_ray.infra.stop import StopNow, StopRequest, resume_command
+def test_a_second_ctrl_c_stops_at_once_a_repeated_sigterm_does_not():
+    """Real signals to this (main) thread. `timeout` delivers its SIGTERM twice (to the child and to
+    the group): that is one stop. A second Ctrl-C, seconds later, means "now"."""
+    from dispo_ray.infra.stop import DEBOUNCE_S, StopNow, StopRequest
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    req = StopRequest().install()
     try:
-        os.kill(os.getpid(), signal.SIGINT)  # a real signal to this (main) thread: recorded, nothing raised
+        term = StopRequest().install()
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(DEBOUNCE_S)
+        assert term.requested and term.exit_code == 143 and term.name == "SIGTERM"
+
+        ctrl_c = StopRequest().install()
+        os.kill(os.getpid(), signal.SIGINT)  # recorded, nothing raised
+        os.kill(os.getpid(), signal.SIGINT)  # the same press passed on by a wrapper: ignored
         time.sleep(0.05)
-        assert req.requested and req.exit_code == 130 and req.name == "SIGINT"
+        assert ctrl_c.requested and ctrl_c.exit_code == 130 and ctrl_c.name == "SIGINT"
+        time.sleep(DEBOUNCE_S)
         with pytest.raises(StopNow) as e:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)  # the handler raises here, in the main thread
@@ -121,6 +131,10 @@ def test_a_second_signal_stops_at_once_and_the_resume_command_keeps_the_override
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_the_resume_command_keeps_the_overrides():
+    from dispo_ray.infra.stop import resume_command
     cmd = resume_command("/r un", ["algorithm=dapo", "trainer.run_dir=/old", "trainer.resume=false"])
     assert cmd == "python -m dispo_ray.main algorithm=dapo 'trainer.run_dir=/r un' trainer.resume=true"
 
@@ -158,7 +172,8 @@ def test_sigterm_saves_exits_143_keeps_two_and_a_damaged_newest_is_skipped(tmp_p
     p = _launch(run_dir, "trainer.total_steps=400", "trainer.save_every=1", "trainer.keep_checkpoints=2")
     _wait_for_checkpoint(p, run_dir, 3)
     t0 = time.monotonic()
-    p.send_signal(signal.SIGTERM)  # the driver only, as `timeout` or a pod eviction sends it
+    p.send_signal(signal.SIGTERM)  # as `timeout` sends it: to the driver, then to its process group
+    os.killpg(p.pid, signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     took = time.monotonic() - t0
     assert p.returncode == 143, err[-3000:]

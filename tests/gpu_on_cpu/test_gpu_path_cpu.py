@@ -61,7 +61,8 @@ def test_run_start_refuses_a_gpu_node_torch_cannot_use(tmp_path, monkeypatch):
     cfg = compose(["learner.num_gpus_per_actor=1", "generator.num_gpus_per_actor=1"])
     path = os.environ["PATH"]
     monkeypatch.setenv("PATH", "/nonexistent")
-    check_gpu_node(cfg)  # no driver on this node (a CPU head pod): the actors check their own nodes
+    # no driver on this node, joining a cluster (a CPU head pod): the actors check their own nodes
+    check_gpu_node(compose(["learner.num_gpus_per_actor=1", "generator.num_gpus_per_actor=1", "cluster.address=auto"]))
     fake = _fake_nvidia_smi(tmp_path, "575.57.08")
     monkeypatch.setenv("PATH", fake + os.pathsep + path)
     with pytest.raises(InputError, match="NVIDIA driver 575.57.08"):
