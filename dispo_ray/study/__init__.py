@@ -1,2 +1,2 @@
 """The regime study and lab (runs, verdicts, plots), and the step-cost model for clusters
-(cost_model.py, docs/scaling.md): changes when the study or the model does."""
+(cost_model/, docs/scaling.md): changes when the study or the model does."""

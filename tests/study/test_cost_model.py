@@ -1,4 +1,4 @@
-"""The step-cost model (dispo_ray/study/cost_model.py): its equations on hand-derived numbers, its
+"""The step-cost model (dispo_ray/study/cost_model/): its equations on hand-derived numbers, its
 monotonicity, its two calibrated constants, and docs/scaling.md's tables reproduced from it. No Ray."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from dispo_ray.study import cost_model as cm
+from dispo_ray.study.cost_model.__main__ import main as cost_main
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "scaling.md")
 
@@ -165,7 +166,7 @@ def test_the_sizing_table_in_docs_is_the_model_s():
 
 
 def test_the_cli_prints_the_breakdown(capsys):
-    cm.main(["--model", "7b", "--gen-gpus", "64", "--learn-gpus", "64", "--k", "1"])
+    cost_main(["--model", "7b", "--gen-gpus", "64", "--learn-gpus", "64", "--k", "1"])
     out = capsys.readouterr().out
     for key in ("generate_s", "reward_s", "train_s", "sync_s", "step_s", "max(generate + reward, train) + sync"):
         assert key in out
