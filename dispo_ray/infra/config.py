@@ -175,6 +175,8 @@ class GeneratorConfig:
     max_new_tokens: int = key(ge=1)
     stop: List[str] = MISSING
     seed: int = MISSING
+    partial_rollout: str = key(choices="actors.streaming.PARTIAL_ROLLOUTS")  # stream mode: a sync mid-sample continues | aborts it
+    max_inflight_groups: int = key(ge=0, note="0 = 2 x trainer.prompts_per_step")  # stream mode, per actor
     node_resource: Optional[str] = node_resource()
 
 
@@ -255,6 +257,7 @@ class TrainerConfig:
     run_dir: str = key(test=bool, allowed="a non-empty path")
     seed: int = MISSING
     max_staleness: int = key(ge=0)  # 0 = synchronous on-policy; k > 0 = bounded asynchrony
+    rollout_mode: str = key(choices="dispo_ray.rollout.streaming.ROLLOUT_MODES")  # batch | stream
     prompts_per_step: int = key(ge=1)  # x algorithm.group_size divisible by learner ranks x mini_batches
     max_resample_rounds: int = key(ge=0)  # dynamic sampling cap per step
     oversample: float = key(ge=1, le=4)  # dynamic sampling: first-round prompts = ceil(prompts_per_step x this)
