@@ -25,10 +25,12 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from actors.backends import BACKENDS
 from actors.backends.base import SamplingSpec
+from actors.stream_router import StreamRouter
+from actors.streaming import EngineLoop, GroupRequest
 from dispo_ray.data.records import PromptRecord
 from dispo_ray.infra.failures import engine_root_cause, log_offset
 from dispo_ray.infra.placement import pin, wait_for_node_resource
@@ -74,42 +76,74 @@ class GeneratorActor:
         except Exception as e:  # noqa: BLE001 - re-raised with the engine's own root cause
             raise engine_root_cause(e, since, f"generator {index}: starting the {cfg.generator.backend} engine") from e
         self.tokenizer = self.backend.tokenizer
-        self._version = 0
+        # every engine call goes through the loop (streaming, or one generate under its lock); it
+        # holds the version the engine's weights are
+        self.loop = EngineLoop(self.backend, cfg.generator.partial_rollout,
+                               lambda s: self._sample(s.group.record, s.token_ids, s.logprobs, s.finish_reason, s.spans))
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
         self.start_seconds = time.perf_counter() - t0
         self.stats = {"calls": 0, "prompts": 0, "samples": 0, "tokens": 0, "busy_s": 0.0, "syncs": 0}
 
     def generate(self, prompts: Sequence[Any], n: int, sampling: Optional[Dict[str, Any]] = None) -> List[Sample]:
-        """``n`` samples per prompt, as ``[p0 s0 .. p0 s(n-1), p1 s0, ...]``, tagged with this
-        actor's current weight version."""
+        """``n`` samples per prompt, as ``[p0 s0 .. p0 s(n-1), p1 s0, ...]``. With no stream in
+        flight: one engine call, every sample tagged with the one version that drew it. While
+        groups stream (an evaluation in stream mode): through the engine loop beside them."""
         if n < 1:
             raise ValueError(f"generate: n = {n}, must be >= 1")
         records = [_record(p) for p in prompts]
         if not records:
             return []
         spec = SamplingSpec.from_config(self.cfg.generator, sampling)
+        if self.loop.in_flight():
+            tag = uuid.uuid4().hex[:8]
+            groups = [GroupRequest(f"gen-{tag}-{i}", r, n, spec) for i, r in enumerate(records)]
+            self.loop.submit(groups, private=True)
+            got: Dict[str, List[Sample]] = {}
+            while len(got) < len(groups):
+                got.update(self.loop.collect(1.0, {g.gid for g in groups} - set(got)))
+            return [x for g in groups for x in got[g.gid]]
         t0, since = time.perf_counter(), log_offset()
         try:
-            groups = self.backend.generate([r.prompt_token_ids for r in records], n, spec)
+            with self.loop.engine():
+                completions = self.backend.generate([r.prompt_token_ids for r in records], n, spec)
         except Exception as e:  # noqa: BLE001 - re-raised with the engine's own root cause
             raise engine_root_cause(e, since, f"generator {self.index}: {self.cfg.generator.backend} generate") from e
         out: List[Sample] = []
-        for rec, group in zip(records, groups):
+        for rec, group in zip(records, completions):
             if len(group) != n:
                 raise RuntimeError(f"backend returned {len(group)} samples for prompt {rec.uid}, expected {n}")
-            for c in group:
-                out.append(Sample(
-                    prompt_uid=rec.uid, prompt_token_ids=list(rec.prompt_token_ids), response_token_ids=c.token_ids,
-                    response_logprobs=c.logprobs, version=self._version, finish_reason=c.finish_reason,
-                    response_text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                    ground_truth=rec.ground_truth, data_source=rec.data_source))
-        s = self.stats
-        s["calls"] += 1
-        s["prompts"] += len(records)
-        s["samples"] += len(out)
-        s["tokens"] += sum(len(x.response_token_ids) for x in out)
-        s["busy_s"] += time.perf_counter() - t0
+            out.extend(self._sample(rec, c.token_ids, c.logprobs, c.finish_reason, [[self.loop.version, len(c.token_ids)]])
+                       for c in group)
+        self.stats["calls"] += 1
+        self.stats["prompts"] += len(records)
+        self.stats["busy_s"] += time.perf_counter() - t0
         return out
+
+    def _sample(self, rec: PromptRecord, token_ids: List[int], logprobs: List[float], finish_reason: str,
+                spans: List[List[int]]) -> Sample:
+        """One finished sample; ``version`` is its oldest token's (``spans``: [[version, tokens], ...])."""
+        self.stats["samples"] += 1
+        self.stats["tokens"] += len(token_ids)
+        version = spans[0][0] if spans else self.loop.version
+        return Sample(prompt_uid=rec.uid, prompt_token_ids=list(rec.prompt_token_ids), response_token_ids=list(token_ids),
+                      response_logprobs=list(logprobs), version=version, finish_reason=finish_reason,
+                      response_text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                      ground_truth=rec.ground_truth, data_source=rec.data_source,
+                      version_spans=[list(x) for x in spans] if len(spans) > 1 else [])
+
+    # --- streaming (actors.streaming): the pool's StreamRouter drives these -----------------------
+    def submit(self, groups: List[GroupRequest]) -> int:
+        """Add prompt groups to the running engine; returns the groups now in flight here."""
+        self.loop.submit([dataclasses.replace(g, record=_record(g.record)) for g in groups])
+        self.stats["prompts"] += len(groups)
+        return self.loop.in_flight()
+
+    def collect(self, wait_s: float = 0.5) -> List[Tuple[str, List[Sample]]]:
+        """Groups finished since the last call, ``(gid, samples)``; waits up to ``wait_s`` for one."""
+        return self.loop.collect(wait_s)
+
+    def abort(self, gids: List[str]) -> int:
+        return self.loop.abort(gids)
 
     def sync_ranks(self) -> int:
         """How many ranks of the weight-sync group this actor takes (one per TP worker)."""
@@ -123,19 +157,19 @@ class GeneratorActor:
     def update_weights(self) -> int:
         """Receive one broadcast into the running engine; adopt the version the sender stamped on
         it (and reset the prefix cache). Returns the new version."""
-        self._version = int(self.backend.receive_weights())
+        version = self.loop.swap_weights(self.backend.receive_weights)  # between two engine steps
         self.stats["syncs"] += 1
-        return self._version
+        return version
 
     def close_weight_sync(self) -> None:
         self.backend.close_weight_sync()
 
     def version(self) -> int:
-        return self._version
+        return self.loop.version
 
     def set_version(self, version: int) -> None:
         """Declare the loaded weights' version (e.g. after loading a checkpoint by other means)."""
-        self._version = int(version)
+        self.loop.version = int(version)
 
     def param_sums(self) -> Dict[str, float]:
         """Sum of each parameter in the engine (debugging weight updates)."""
@@ -143,7 +177,8 @@ class GeneratorActor:
 
     def load(self) -> Dict[str, Any]:
         s = dict(self.stats)
-        s.update(actor=self.index, version=self._version, incarnation=self.incarnation,
+        s["busy_s"] += self.loop.stats["busy_s"]  # engine steps of streamed groups
+        s.update(actor=self.index, version=self.loop.version, stream=dict(self.loop.stats), incarnation=self.incarnation,
                  weight_update=self.backend.weight_update,
                  engine_core=getattr(self.backend, "engine_core", "n/a"),
                  start_seconds=round(self.start_seconds, 2),
@@ -155,6 +190,7 @@ class GeneratorActor:
         return self.incarnation
 
     def shutdown(self) -> None:
+        self.loop.close()
         self.backend.shutdown()
 
 
@@ -195,7 +231,9 @@ class GeneratorPool:
         self.actors = []
         wait_for_node_resource(g.node_resource, "generator.node_resource", restart_timeout_s)
         for i in range(int(g.num_actors)):
-            opts: Dict[str, Any] = dict(max_restarts=MAX_RESTARTS, max_task_retries=0, name=None,
+            # max_concurrency: a weight sync or an abort reaches the actor while a collect waits
+            # (the engine loop lets them in between two engine steps)
+            opts: Dict[str, Any] = dict(max_restarts=MAX_RESTARTS, max_task_retries=0, name=None, max_concurrency=4,
                                         num_cpus=float(g.num_cpus_per_actor), resources=pin(g.node_resource))
             opts.update(self._gpu_options(g))
             self.actors.append(remote_cls.options(**opts).remote(cfg, model_path, i))
@@ -203,6 +241,7 @@ class GeneratorPool:
         self.needs_sync: set = set()  # actors restarted since the last sync (initial weights)
         self.reissued = 0
         self._ranks: Optional[List[int]] = None
+        self.stream = StreamRouter(self)  # streaming rollouts: groups in flight on which actor
         # The owner of the published version (WeightSync attaches itself when it forms the group):
         # asked whether a restarted actor's initial weights are stale, and to re-sync it before its
         # prompts are re-issued. None: every restarted actor is flagged and nothing re-syncs it.
@@ -246,7 +285,7 @@ class GeneratorPool:
                 log.warning("generator %d failed (%s); re-issuing its %d prompts", i, type(e).__name__, len(chunks[i]))
                 failed.append(i)
         for i in failed:
-            self._await_restart(i)
+            self.await_restart(i)
             if self.needs_sync and self.weight_sync is not None:
                 self.weight_sync.resync_restarted()  # re-forms the group (clears needs_sync), re-broadcasts
             healthy = [j for j in range(len(self.actors)) if j not in failed and j not in self.needs_sync]
@@ -255,7 +294,7 @@ class GeneratorPool:
             self.reissued += len(chunks[i])
         return [s for i in sorted(results) for s in results[i]]
 
-    def _await_restart(self, i: int) -> None:
+    def await_restart(self, i: int) -> None:
         """Wait until Ray has restarted actor ``i``; flag it for a weight sync if it now holds
         weights older than the published version (the initial ones are version 0)."""
         import ray
@@ -278,7 +317,7 @@ class GeneratorPool:
     def check_health(self) -> List[int]:
         """Ping every actor; returns the indices that were restarted (and now need a sync)."""
         for i in range(len(self.actors)):
-            self._await_restart(i)
+            self.await_restart(i)
         return sorted(self.needs_sync)
 
     # --- weights ---------------------------------------------------------------------------------

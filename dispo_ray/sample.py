@@ -18,7 +18,7 @@ class Sample:
     prompt_token_ids: List[int]
     response_token_ids: List[int]
     response_logprobs: List[float]  # behaviour log-prob of each sampled token
-    version: int  # weight version of the policy that sampled it
+    version: int  # weight version of the policy that sampled it (its oldest token's, see version_spans)
     finish_reason: str = "stop"  # "stop" | "length"
     response_text: str = ""
     ground_truth: str = ""
@@ -28,6 +28,9 @@ class Sample:
     reason: str = ""
     advantage: float = 0.0
     extra: Dict[str, float] = field(default_factory=dict)
+    # [[version, tokens], ...] in token order when weights changed while it was being sampled
+    # (streaming, generator.partial_rollout=continue); empty: every token is ``version``'s
+    version_spans: List[List[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.response_token_ids) != len(self.response_logprobs):

@@ -6,6 +6,11 @@ prompt, ``n`` :class:`Completion` (sampled ids, the log-prob of each sampled tok
 reason) in sample order; joining the weight-sync group; receiving one broadcast into the running
 engine. Everything else (records, versions, accounting) lives once in ``actors.generator``.
 
+A backend with an engine-level API (``vllm``) also offers the :class:`Stepping` calls that
+streaming rollouts drive (``actors.streaming``): add one sample's request, advance the engine one
+step (every running request gains a token; :class:`Delta` s come back), abort requests. A backend
+without one (``hf``) is driven through its ``generate`` by ``actors.streaming.BatchStepper``.
+
 Log-prob convention (both backends): ``log softmax`` of the logits *after* temperature and top-p
 (the distribution the token was actually drawn from), at the sampled token; with temperature 0
 (greedy) the raw logits. With ``temperature = 1, top_p = 1`` this is ``log pi_theta(token)``
@@ -52,6 +57,33 @@ class Completion:
     token_ids: List[int]
     logprobs: List[float]
     finish_reason: str  # "stop" (eos or a stop string) | "length"
+
+
+@dataclass
+class Delta:
+    """What one engine step added to one request: the new tokens and their log-probs; on the
+    step that ends it, ``finished`` and the reason ("stop" | "length")."""
+    key: str
+    token_ids: List[int]
+    logprobs: List[float]
+    finished: bool
+    finish_reason: str = ""
+
+
+class Stepping:
+    """The engine-level calls (one request = one sample, ``n = 1``)."""
+
+    def add(self, key: str, prompt_token_ids: List[int], spec: SamplingSpec) -> None:
+        raise NotImplementedError
+
+    def step(self) -> List[Delta]:
+        raise NotImplementedError
+
+    def abort(self, keys: List[str]) -> None:
+        raise NotImplementedError
+
+    def has_unfinished(self) -> bool:
+        raise NotImplementedError
 
 
 class WeightReceiver:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from typing import Any, List, Sequence
 
-from actors.backends.base import Completion, ReceivingBackend, SamplingSpec
+from actors.backends.base import Completion, Delta, ReceivingBackend, SamplingSpec, Stepping
 from dispo_ray.sync.settings import SyncSettings
 
 EXTENSION = "actors.backends.vllm_worker_ext.WeightSyncWorkerExtension"
@@ -52,7 +52,28 @@ def cpu_scheduler_args(max_model_len: int) -> dict:
             "max_num_batched_tokens": max(int(max_model_len), CPU_MIN_BATCHED_TOKENS)}
 
 
-class VLLMBackend(ReceivingBackend):
+def sampling_params(spec: SamplingSpec, n: int, delta: bool = False) -> Any:
+    """vLLM's ``SamplingParams`` for ``spec`` (sampled tokens' processed log-probs; ``delta``:
+    each engine step reports only its new tokens, as streaming reads them)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
+        stop=list(spec.stop) or None, include_stop_str_in_output=True, logprobs=0,
+        skip_special_tokens=True, seed=spec.seed, detokenize=bool(spec.stop),
+        **({"output_kind": RequestOutputKind.DELTA} if delta else {}))
+
+
+def token_logprobs(ids: Sequence[int], steps: Any) -> List[float]:
+    """The sampled tokens' log-probs out of vLLM's per-position ``{token: Logprob}`` dicts."""
+    lps = [float(step[tok].logprob) for tok, step in zip(ids, steps or [])]
+    if len(lps) != len(ids):
+        raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens")
+    return lps
+
+
+class VLLMBackend(ReceivingBackend, Stepping):
     """The weight-sync calls go to every engine worker (``collective_rpc``), each a rank of its own."""
 
     def __init__(self, model_path: str, gen_cfg: Any, dtype: str, max_model_len: int):
@@ -87,24 +108,36 @@ class VLLMBackend(ReceivingBackend):
         self.engine_core = "in_process" if client == "InprocClient" else f"separate_process ({client})"
 
     def generate(self, prompts: Sequence[List[int]], n: int, spec: SamplingSpec) -> List[List[Completion]]:
-        from vllm import SamplingParams
-
-        params = SamplingParams(
-            n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
-            stop=list(spec.stop) or None, include_stop_str_in_output=True, logprobs=0,
-            skip_special_tokens=True, seed=spec.seed, detokenize=bool(spec.stop))
+        params = sampling_params(spec, n)
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         result = []
         for out in outs:
             group = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                lps = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs or [])]
-                if len(lps) != len(ids):
-                    raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens")
-                group.append(Completion(ids, lps, "length" if c.finish_reason == "length" else "stop"))
+                group.append(Completion(ids, token_logprobs(ids, c.logprobs), "length" if c.finish_reason == "length" else "stop"))
             result.append(group)
         return result
+
+    # --- the engine-level calls streaming drives (vLLM's LLMEngine: add_request / step / abort_request)
+    def add(self, key: str, prompt_token_ids: List[int], spec: SamplingSpec) -> None:
+        self.llm.llm_engine.add_request(key, {"prompt_token_ids": list(prompt_token_ids)}, sampling_params(spec, 1, delta=True))
+
+    def step(self) -> List[Delta]:
+        out = []
+        for r in self.llm.llm_engine.step():
+            c = r.outputs[0]
+            ids = list(c.token_ids)
+            reason = ("length" if c.finish_reason == "length" else "stop") if r.finished else ""
+            out.append(Delta(r.request_id, ids, token_logprobs(ids, c.logprobs), bool(r.finished), reason))
+        return out
+
+    def abort(self, keys: List[str]) -> None:
+        if keys:
+            self.llm.llm_engine.abort_request(list(keys))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.llm.llm_engine.has_unfinished_requests())
 
     # --- weights -------------------------------------------------------------------------------
     def init_weight_sync(self, settings: SyncSettings, rank: int) -> List[int]:

@@ -33,7 +33,10 @@ ACTOR_RATIO_MAX = ACTOR_PREFIX + "ratio_max"
 EVAL_ACCURACY = "eval/accuracy"
 COLLAPSE_EVENTS = "collapse/events"
 COLLAPSE_ROLLBACKS = "collapse/rollbacks"
-PERF_TOKENS_PER_S = "perf/tokens_per_s"
+PERF_TOKENS_PER_S = "perf/tokens_per_s"  # trained tokens per second of the step (0 when no group was kept)
+PERF_GENERATED_TOKENS_PER_S = "perf/generated_tokens_per_s"  # sampled response tokens per second of the step
+ROLLOUT_MULTI_VERSION_FRAC = "rollout/multi_version_frac"  # samples whose tokens span two or more versions
+ROLLOUT_GROUPS_KEPT = "rollout/groups_kept"
 
 
 def regime_key(regime: str, what: str) -> str:

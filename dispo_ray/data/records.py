@@ -196,6 +196,8 @@ class PromptDataset:
         self.stats = dict(stats or {})
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order(0)
+        self._requeued: List[PromptRecord] = []  # drawn, never trained: served again first
+        self._by_uid = {r.uid: r for r in self.records}
 
     @classmethod
     def from_files(cls, files: Sequence[str], tokenizer: Any, data_cfg: Any, seed: int = 0,
@@ -214,7 +216,8 @@ class PromptDataset:
 
     def next_batch(self, n: int) -> List[PromptRecord]:
         """The next ``n`` records, crossing into the next epoch (reshuffled) when one runs out."""
-        out: List[PromptRecord] = []
+        out: List[PromptRecord] = self._requeued[:n]
+        self._requeued = self._requeued[n:]
         while len(out) < n:
             if self.position == len(self.records):
                 self.epoch, self.position = self.epoch + 1, 0
@@ -228,9 +231,16 @@ class PromptDataset:
         """One pass over all records in file order (for evaluation); the cursor is untouched."""
         return iter(self.records)
 
-    def state_dict(self) -> Dict[str, int]:
+    def requeue(self, records: Sequence[PromptRecord]) -> None:
+        """Serve ``records`` (drawn but never trained, e.g. in flight at a checkpoint) before the
+        cursor's next ones."""
+        self._requeued = list(records) + self._requeued
+
+    def state_dict(self, requeue: Sequence[PromptRecord] = ()) -> Dict[str, Any]:
+        """The cursor; ``requeue``: records to serve first after a restore, before those already queued."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "shuffle": int(self.shuffle), "num_records": len(self.records)}
+                "shuffle": int(self.shuffle), "num_records": len(self.records),
+                "requeued": [r.uid for r in list(requeue) + self._requeued]}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if int(state["num_records"]) != len(self.records):
@@ -239,6 +249,11 @@ class PromptDataset:
         self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._epoch_order(self.epoch)
+        missing = [u for u in state.get("requeued", []) if u not in self._by_uid]
+        if missing:
+            raise DataError(f"data cursor: re-queued prompt {missing[0]} is not in the dataset "
+                            "(the data files changed since the checkpoint)")
+        self._requeued = [self._by_uid[u] for u in state.get("requeued", [])]
 
 
 def data_files(cfg: Any) -> Tuple[List[str], List[str]]:

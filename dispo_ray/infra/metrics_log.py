@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from dispo_ray.algorithm import metric_keys as K
 
 CONSOLE_KEYS = (("reward", K.ROLLOUT_REWARD), ("acc", K.ROLLOUT_ACCURACY), ("eval", K.EVAL_ACCURACY),
-                ("ent", K.ACTOR_ENTROPY), ("tok/s", K.PERF_TOKENS_PER_S))
+                ("ent", K.ACTOR_ENTROPY), ("kept", K.ROLLOUT_GROUPS_KEPT), ("train tok/s", K.PERF_TOKENS_PER_S),
+                ("gen tok/s", K.PERF_GENERATED_TOKENS_PER_S))
 LINE_EVERY_S = 30.0
 
 

@@ -40,6 +40,8 @@ def rollout_metrics(batch: Any) -> Dict[str, float]:
         K.ROLLOUT_REPETITION: repetition_rate([s.response_token_ids for s in gen]),
         K.ROLLOUT_SAMPLES: float(len(gen)),
         K.ROLLOUT_TRAIN_SAMPLES: float(len(batch.samples)),
+        K.ROLLOUT_MULTI_VERSION_FRAC: sum(len(s.version_spans) > 1 for s in gen) / n,
+        "perf/generated_tokens": float(sum(s.response_length for s in gen)),
     }
     reasons: Dict[str, int] = {}
     for s in gen:
@@ -147,10 +149,12 @@ class Trainer:
     def start_producer(self) -> None:
         """The rollout thread, from the present step (start, resume, rollback, recovery)."""
         from dispo_ray.rollout.producer import RolloutProducer
+        from dispo_ray.rollout.streaming import StreamingProducer
 
         tr = self.cfg.trainer
-        self.producer = RolloutProducer(self.cfg, self.train_set, self.generators, self.rewards, self.gate,
-                                        start_step=self.step, total_steps=tr.total_steps).start()
+        kind = StreamingProducer if tr.rollout_mode == "stream" else RolloutProducer
+        self.producer = kind(self.cfg, self.train_set, self.generators, self.rewards, self.gate,
+                             start_step=self.step, total_steps=tr.total_steps).start()
 
     def next_batch(self) -> Optional[Any]:
         """The producer's batch for this step, or None once a stop signal arrived while waiting."""
@@ -208,6 +212,7 @@ class Trainer:
                 # The step's own time (rollout wait, train, sync); evaluation is timing/eval.
                 metrics["timing/step"] = time.perf_counter() - t_step
                 metrics[K.PERF_TOKENS_PER_S] = metrics.get("perf/train_tokens", 0.0) / metrics["timing/step"]
+                metrics[K.PERF_GENERATED_TOKENS_PER_S] = metrics["perf/generated_tokens"] / metrics["timing/step"]
                 if (tr.eval_every and self.step % tr.eval_every == 0) or self.step == tr.total_steps:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)

@@ -5,8 +5,6 @@ keeps these fast; the vLLM engine runs end to end in test_job_submit and test_ge
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import time
 import pytest
 
 from dispo_ray.infra.config import compose
-from runs import REPO, SMALL, sabotage, train_steps
+from runs import REPO, SMALL, kill_at_checkpoint, sabotage, train_steps
 
 
 def _fit(overrides):
@@ -62,22 +60,17 @@ def _deterministic(m):
     return {k: v for k, v in m.items() if k != "time" and not k.startswith(("timing/", "perf/"))}
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("mode", ["batch", "stream"])
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, mode):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    p = _main(straight)
+    p = _main(straight, f"trainer.rollout_mode={mode}")
     out = p.communicate(timeout=600)[0]
     assert p.returncode == 0, out[-3000:]
 
-    p = _main(broken, "trainer.save_every=2")
-    marker = broken / "checkpoints" / "latest"
-    deadline = time.monotonic() + 600
-    while not (marker.exists() and marker.read_text() == "step_2"):
-        assert p.poll() is None and time.monotonic() < deadline, "run ended before its step-2 checkpoint"
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # the driver and its local Ray cluster, mid-run
-    p.wait(timeout=60)
+    p = _main(broken, "trainer.save_every=2", f"trainer.rollout_mode={mode}")
+    kill_at_checkpoint(p, broken, 2)  # the driver and its local Ray cluster, mid-run
 
-    p = _main(broken, "trainer.save_every=2", "trainer.resume=true")
+    p = _main(broken, "trainer.save_every=2", "trainer.resume=true", f"trainer.rollout_mode={mode}")
     out = p.communicate(timeout=600)[0]
     assert p.returncode == 0, out[-3000:]
     assert "resumed from step 2" in out

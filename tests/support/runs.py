@@ -18,6 +18,20 @@ def train_steps(run_dir):
     return [m for m in read_metrics(run_dir) if "rollout/samples" in m]  # step 0 is the initial eval
 
 
+def kill_at_checkpoint(p, run_dir, step: int, timeout: float = 600) -> None:
+    """SIGKILL the process group of run ``p`` (the driver and its local Ray cluster) as soon as its
+    ``step_<step>`` checkpoint is the latest."""
+    import signal
+
+    marker = os.path.join(str(run_dir), "checkpoints", "latest")
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(marker) and open(marker).read() == f"step_{step}"):
+        assert p.poll() is None and time.monotonic() < deadline, f"run ended before its step-{step} checkpoint"
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+
+
 def sabotage(trainer, at_step: int, act) -> threading.Thread:
     """Start a thread that calls ``act()`` once ``trainer.fit()`` has reached ``at_step`` (the
     fault tests' way of hitting a running loop)."""
