@@ -129,14 +129,17 @@ class ModelConfig:
 class TinyTaskConfig:
     num_train: int = key(ge=1)
     num_val: int = key(ge=1)
-    max_digits: int = key(ge=1, le=6)
+    max_digits: int = key(ge=1, le=32)
     ops: List[str] = key(each="dispo_ray.tiny.task.OPS")
     seed: int = key(ge=0)  # problem generation and the train/val split
     style: str = key(choices="dispo_ray.tiny.task.STYLES")  # answer (boxed answer only) | working (additions)
+    digits: str = key(choices="dispo_ray.tiny.task.DIGITS")  # uniform (1..max_digits) | longtail (Pareto column count)
 
     def check(self, at: str) -> None:
         check(self.style != "working" or set(self.ops) == {"+"}, f"{at}.ops", list(self.ops),
               f"[\"+\"] with {at}.style=working (it writes out additions only)")
+        check(self.digits != "longtail" or self.max_digits >= 2, f"{at}.max_digits", self.max_digits,
+              f">= 2 with {at}.digits=longtail (its column counts run from 2 to max_digits)")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from dispo_ray.tiny.task import _task_hash, make_problems, prompt_text, response
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: stops at a dev-slice target accuracy
 SEED = 0
+LONGTAIL_TOKEN_BUDGET = 4096  # padded tokens a micro-batch of a long-tail task (data.tiny_task.digits=longtail)
 
 
 def warmstart_hash(cfg: Any) -> str:
@@ -78,18 +79,23 @@ def _batch(pairs: Sequence[Tuple[List[int], List[int]]], pad_id: int):
 
 
 def greedy_accuracy(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], style: str = "answer",
-                    batch_size: int = 256) -> float:
+                    batch_size: int = 256, by_length: bool = False) -> float:
     """Fraction of problems whose greedy response is exactly the correct response (in ``style``:
-    the boxed answer, or the working and the boxed answer)."""
+    the boxed answer, or the working and the boxed answer). ``by_length`` (long-tail tasks) decodes
+    the problems shortest first in chunks of 64, each only as far as its longest correct response."""
     import torch
 
     pairs = _pairs(tokenizer, rows, style)
     max_new_tokens = max(len(y) for _, y in pairs)
+    if by_length:
+        pairs, batch_size = sorted(pairs, key=lambda py: (len(py[1]), len(py[0]))), min(batch_size, 64)
     correct = 0
     model.eval()
     with torch.no_grad():
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
+            if by_length:
+                max_new_tokens = max(len(y) for _, y in chunk)
             P = max(len(p) for p, _ in chunk)  # left-pad prompts so generation starts aligned
             ids = torch.full((len(chunk), P), tokenizer.pad_token_id, dtype=torch.long)
             att = torch.zeros((len(chunk), P), dtype=torch.long)
@@ -104,11 +110,25 @@ def greedy_accuracy(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], 
     return correct / max(1, len(pairs))
 
 
+def micro_batches(pairs: Sequence[Tuple[List[int], List[int]]], token_budget: int) -> List[List[Tuple[List[int], List[int]]]]:
+    """``pairs`` shortest first, cut into micro-batches of at most ``token_budget`` padded tokens
+    (a sequence longer than the budget goes alone), so a long-tail batch pads only its long rows."""
+    out: List[List[Tuple[List[int], List[int]]]] = [[]]
+    for pr in sorted(pairs, key=lambda py: len(py[0]) + len(py[1])):
+        if out[-1] and (len(pr[0]) + len(pr[1])) * (len(out[-1]) + 1) > token_budget:
+            out.append([])
+        out[-1].append(pr)
+    return out
+
+
 def train(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], steps: int, lr: float, batch_size: int,
           seed: int = SEED, check_every: int = 0, done: Optional[Callable[[], bool]] = None,
-          style: str = "answer") -> List[float]:
+          style: str = "answer", token_budget: int = 0) -> List[float]:
     """Teacher-forced response-only cross-entropy with AdamW; returns the per-step losses. With
-    ``done``, it is asked after every ``check_every`` steps and training stops when it says so."""
+    ``done``, it is asked after every ``check_every`` steps and training stops when it says so.
+    ``token_budget > 0`` (long-tail tasks) runs each batch as :func:`micro_batches` with the
+    gradients accumulated: the same loss (summed over the batch's response tokens, divided by
+    their count) without padding every row to the longest."""
     import torch
 
     torch.manual_seed(seed)
@@ -118,12 +138,25 @@ def train(model: Any, tokenizer: Any, rows: Sequence[Dict[str, Any]], steps: int
     losses = []
     model.train()
     for _ in range(steps):
-        ids, mask, labels = _batch(rng.sample(pairs, min(batch_size, len(pairs))), tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100)  # mean over response tokens
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        chosen = rng.sample(pairs, min(batch_size, len(pairs)))
+        if token_budget > 0:
+            opt.zero_grad(set_to_none=True)
+            n_tokens, loss = sum(len(y) for _, y in chosen), 0.0
+            for mb in micro_batches(chosen, token_budget):
+                ids, mask, labels = _batch(mb, tokenizer.pad_token_id)
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                         ignore_index=-100, reduction="sum") / n_tokens
+                part.backward()
+                loss += float(part.detach())
+            loss = torch.tensor(loss)
+        else:
+            ids, mask, labels = _batch(chosen, tokenizer.pad_token_id)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                     ignore_index=-100)  # mean over response tokens
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
@@ -154,10 +187,12 @@ def warm_started_model_dir(cfg: Any) -> str:
     w = cfg.model.warmstart
     dev, train_rows = splits["train"][:w.dev_size], splits["train"][w.dev_size:]
     style = cfg.data.tiny_task.style
+    long_tail = getattr(cfg.data.tiny_task, "digits", "uniform") == "longtail"
     checks: List[Tuple[int, float]] = []  # (step, dev greedy accuracy)
 
     def reached() -> bool:
-        checks.append((len(checks) * w.check_every + w.check_every, greedy_accuracy(model, tok, dev, style)))
+        checks.append((len(checks) * w.check_every + w.check_every,
+                       greedy_accuracy(model, tok, dev, style, by_length=long_tail)))
         return checks[-1][1] >= w.target_accuracy
 
     t0 = time.perf_counter()
@@ -165,9 +200,10 @@ def warm_started_model_dir(cfg: Any) -> str:
     torch.set_num_threads(1)  # a model this small runs faster on one thread than on shared cores
     try:
         losses = train(model, tok, train_rows, w.steps, w.lr, w.batch_size, check_every=w.check_every,
-                       done=reached if w.target_accuracy > 0 else None, style=style)
+                       done=reached if w.target_accuracy > 0 else None, style=style,
+                       token_budget=LONGTAIL_TOKEN_BUDGET if long_tail else 0)
         train_s = time.perf_counter() - t0
-        acc = greedy_accuracy(model, tok, splits["val"], style)
+        acc = greedy_accuracy(model, tok, splits["val"], style, by_length=long_tail)
     finally:
         torch.set_num_threads(threads)
     info = {"steps": len(losses), "max_steps": w.steps, "target_accuracy": w.target_accuracy,
