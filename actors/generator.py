@@ -3,8 +3,10 @@
 :class:`GeneratorActor` (a Ray actor) wraps one backend (``vllm`` or ``hf``, see
 ``actors.backends``) and owns everything backends share: turning prompt records into
 :class:`~dispo_ray.rollout.samples.Sample` s (n per prompt, grouped and in sample order), the weight
-``version`` that tags them, the weight-sync calls, and load accounting. Calls on one actor run
-one at a time, so every sample of a ``generate`` call carries the single version that drew it.
+``version`` that tags them, the weight-sync calls, and load accounting. Every engine call goes
+through the actor's :class:`~actors.streaming.EngineLoop`: calls run concurrently (a weight sync or
+an abort must reach a streaming engine between two steps), and a batch ``generate`` holds the
+engine for its whole call, so every sample of it carries the single version that drew it.
 
 :class:`GeneratorPool` starts ``generator.num_actors`` actors, splits each request across them
 in contiguous chunks (results come back in prompt order), reports per-actor load, and handles a

@@ -30,6 +30,9 @@ accuracy at each evaluation, and the training wall time to reach ``THRESHOLD`` h
 Generation-heavy variant: a larger random-init model (hidden 256, 4 layers) with its
 end-of-sequence logit suppressed, so every response runs the full 128 new tokens; rewards are
 all zero (the rows compare speed only), dynamic sampling off, 6 steps (median of steps 5-6), no evaluation.
+Run batch-synchronous, with ``max_staleness=1``, and with ``max_staleness=1`` and streaming rollouts
+(``trainer.rollout_mode=stream``). Every response has the same length here, so streaming has no tail
+to hide: what it can gain is the weight sync no longer waiting for the rollout in flight.
 """
 from __future__ import annotations
 
@@ -249,6 +252,8 @@ def main(quick: bool = False) -> List[Dict]:
         runs["dispo_heavy"] = summarize(run_dispo(heavy_args, hsteps, 0, tmp, "dispo_heavy"))
         runs["dispo_heavy_k1"] = summarize(run_dispo(heavy_args + ["trainer.max_staleness=1"], hsteps, 0, tmp,
                                                      "dispo_heavy_k1"))
+        runs["dispo_heavy_stream"] = summarize(run_dispo(
+            heavy_args + ["trainer.max_staleness=1", "trainer.rollout_mode=stream"], hsteps, 0, tmp, "dispo_heavy_stream"))
     print(json.dumps(runs, indent=1, default=str), flush=True)
     rows = []
     rows += _ratio_rows("dapo (dynamic sampling on, dispo-ray's default)", runs["dapo"], runs["trl"])
@@ -262,6 +267,8 @@ def main(quick: bool = False) -> List[Dict]:
     rows += _ratio_rows(heavy_label, runs["dispo_heavy"], runs["trl_heavy"], speed_only=True, step_goal="<= 0.5")
     rows += _ratio_rows(heavy_label + ", max_staleness=1", runs["dispo_heavy_k1"], runs["trl_heavy"],
                         speed_only=True, step_goal="<= 0.5")
+    rows += _ratio_rows(heavy_label + ", max_staleness=1, streaming rollouts", runs["dispo_heavy_stream"],
+                        runs["trl_heavy"], speed_only=True, step_goal="<= 0.5")
     return rows
 
 

@@ -28,20 +28,23 @@ def sync_and_path(ray_cluster, tmp_path_factory):
 
 def test_sync_behind_a_generation_longer_than_the_sync_timeout(sync_and_path):
     # trainer.max_staleness >= 1: the producer's generate() is still running when the sync starts,
-    # so the generator's update_weights queues behind it. With a 1 s sync timeout and a generation
+    # so the generator's update_weights waits for the engine. With a 1 s sync timeout and a generation
     # of several seconds, the sync must wait for it (no deadline) and then succeed.
     import ray
 
     sync, path = sync_and_path
     recs = records(path, PROMPTS * 4)
     actor = sync.generators.actors[0]
-    long_gen = actor.generate.remote(recs, 8, {"max_new_tokens": 150, "stop": []})  # queued first
     t0 = time.monotonic()
-    sync.publish(1)  # update_weights runs after long_gen on the actor
+    long_gen = actor.generate.remote(recs, 8, {"max_new_tokens": 150, "stop": []})
+    # the actor runs calls concurrently (a sync may reach a streaming engine between two steps);
+    # a batch generate holds the engine for its whole call, so a sync issued after it started waits
+    time.sleep(1.0)
+    sync.publish(1)
     waited = time.monotonic() - t0
     samples = ray.get(long_gen)
     busy = ray.get(actor.load.remote())["busy_s"]
-    print(f"\ngeneration {busy:.1f}s, publish returned after {waited:.1f}s (sync timeout 1 s)")
+    print(f"\ngeneration {busy:.1f}s, publish returned {waited:.1f}s after it was issued (sync timeout 1 s)")
     assert busy > 2.0 and waited > busy * 0.8  # the sync really waited behind the generation
     assert {s.version for s in samples} == {0}
     assert sync.generators.versions() == [1] and sync.version == 1

@@ -1,0 +1,93 @@
+"""Streaming rollouts vs batch-synchronous rollouts (``trainer.rollout_mode``), same workload, same
+process, one run after the other: the whole training loop (vLLM generator, sandboxed rewards,
+DeepSpeed learner, weight sync), at ``trainer.max_staleness`` 0 and 1, on two workloads:
+
+* ``longtail``: ``+preset=longtail``, the tiny task whose response lengths have p99/median >= 8
+  (the shape of math reasoning traces, where a round's slowest sample holds up batch mode);
+* ``demo``: the embedded default (answers of a handful of tokens), where streaming must not lose.
+
+Per run (training steps after two warm-up steps, the last one left out: it carries the final
+evaluation): generated tokens/s of the pool = sampled response tokens / step seconds, and the
+median seconds per step. Ratios are streaming / batch (tokens/s) and batch / streaming (step
+time, i.e. steps/s). Goals (issue 28): on the long tail at k = 1, >= 1.5x tokens/s and >= 1.3x
+steps/s; on the demo, no loss (>= 0.95x).
+
+On this 2-core machine the engine, the learner rank and the reward workers share two cores, so
+overlap buys less than on a cluster where each owns its GPU.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Tuple
+
+from dispo_ray.infra.config import compose
+
+BUDGET_S = 1500
+BUDGET_QUICK_S = 700
+WORKLOADS = {"longtail": ["+preset=longtail"], "demo": []}
+
+
+def run(workload: str, mode: str, k: int, steps: int, run_dir: str) -> Dict[str, float]:
+    from dispo_ray.infra.metrics_log import read_metrics
+    from dispo_ray.rollout.driver import Trainer
+
+    cfg = compose(WORKLOADS[workload] + [
+        f"trainer.rollout_mode={mode}", f"trainer.max_staleness={k}", f"trainer.total_steps={steps}",
+        "trainer.eval_every=0", "trainer.progress_bar=false", "trainer.tensorboard=false",
+        f"trainer.run_dir={run_dir}", "trainer.eval_max_prompts=8", "trainer.eval_k=1", "trainer.export_final=false"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown()
+    rows = [r for r in read_metrics(run_dir) if "rollout/samples" in r][2:-1]
+    seconds = sum(r["timing/step"] for r in rows)
+    return {"tokens_per_s": sum(r["perf/generated_tokens"] for r in rows) / seconds,
+            "step_s": statistics.median(r["timing/step"] for r in rows),
+            "response_length": statistics.mean(r["rollout/response_length"] for r in rows),
+            "multi_version": statistics.mean(r.get("rollout/multi_version_frac", 0.0) for r in rows),
+            "steps": len(rows)}
+
+
+def compare(workload: str, k: int, steps: int, tmp: str) -> Tuple[Dict[str, float], Dict[str, float]]:
+    batch = run(workload, "batch", k, steps, f"{tmp}/{workload}-k{k}-batch")
+    stream = run(workload, "stream", k, steps, f"{tmp}/{workload}-k{k}-stream")
+    return batch, stream
+
+
+def rows_for(workload: str, k: int, batch: Dict[str, float], stream: Dict[str, float]) -> List[Dict]:
+    tail = workload == "longtail" and k == 1
+    tok_goal, step_goal = (">= 1.5", ">= 1.3") if tail else ((">= 0.95", ">= 0.95") if workload == "demo" else ("-", "-"))
+    notes = (f"{stream['steps']} steps each; mean response {batch['response_length']:.0f} (batch) / "
+             f"{stream['response_length']:.0f} (stream) tokens; samples spanning two versions "
+             f"{100 * stream['multi_version']:.0f}%; median step {batch['step_s']:.3f}s batch, {stream['step_s']:.3f}s stream")
+    return [
+        {"name": f"streaming / batch rollouts, {workload}, k={k}: generated tokens/s", "unit": "tokens/s",
+         "value": round(stream["tokens_per_s"], 1), "baseline": round(batch["tokens_per_s"], 1),
+         "ratio": round(stream["tokens_per_s"] / batch["tokens_per_s"], 3), "goal": tok_goal, "notes": notes},
+        {"name": f"streaming / batch rollouts, {workload}, k={k}: steps/s (batch step s / streaming step s)", "unit": "s",
+         "value": round(stream["step_s"], 3), "baseline": round(batch["step_s"], 3),
+         "ratio": round(batch["step_s"] / stream["step_s"], 3), "goal": step_goal, "notes": notes},
+    ]
+
+
+def main(quick: bool = False) -> List[Dict]:
+    steps = 8 if quick else 16
+    out: List[Dict] = []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
+        for workload in WORKLOADS:
+            for k in (1, 0):
+                batch, stream = compare(workload, k, steps, tmp)
+                out += rows_for(workload, k, batch, stream)
+    out[-1]["notes"] += f"; whole module {time.time() - t0:.0f}s"
+    return out
+
+
+if __name__ == "__main__":
+    from bench import print_rows
+
+    print_rows(main(quick="--quick" in sys.argv))
