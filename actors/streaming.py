@@ -172,9 +172,10 @@ class EngineLoop:
                 for i in range(g.n):
                     self._add(SampleState(g, i))
 
-    def collect(self, wait_s: float, gids: Optional[set] = None) -> List[Tuple[str, List[Any]]]:
+    def collect(self, wait_s: float, gids: Optional[set] = None, linger: float = 0.02) -> List[Tuple[str, List[Any]]]:
         """Finished groups ``(gid, samples)``, waiting up to ``wait_s`` for the first: those in
-        ``gids``, or when None every one that is not private; the others stay for the next call."""
+        ``gids``, or when None every one that is not private (then, once one is there, ``linger``
+        seconds more for others while groups are still decoding); the others stay for the next call."""
         deadline = time.monotonic() + wait_s
         wanted = (lambda gid: gid not in self._private) if gids is None else (lambda gid: gid in gids)
         with self._cv:
@@ -183,6 +184,12 @@ class EngineLoop:
                     raise RuntimeError(f"engine loop failed: {self._error}") from self._error
                 mine = [d for d in self._done if wanted(d[0])]
                 left = deadline - time.monotonic()
+                if mine and gids is None and self._groups and linger > 0:
+                    # groups tend to finish a few engine steps apart: one answer for several saves
+                    # the caller a round trip (and a reward call) per group
+                    self._cv.wait(linger)
+                    linger = 0.0
+                    continue
                 if mine or left <= 0:
                     self._done = [d for d in self._done if not wanted(d[0])]
                     self._private.difference_update(d[0] for d in mine)

@@ -47,7 +47,7 @@ def run(workload: str, mode: str, k: int, steps: int, run_dir: str) -> Dict[str,
     seconds = sum(r["timing/step"] for r in rows)
     return {"tokens_per_s": sum(r["perf/generated_tokens"] for r in rows) / seconds,
             "step_s": statistics.median(r["timing/step"] for r in rows),
-            "response_length": statistics.mean(r["rollout/response_length"] for r in rows),
+            "response_length": sum(r["perf/generated_tokens"] for r in rows) / sum(r["rollout/samples"] for r in rows),
             "multi_version": statistics.mean(r.get("rollout/multi_version_frac", 0.0) for r in rows),
             "steps": len(rows)}
 

@@ -179,7 +179,7 @@ class GeneratorConfig:
     stop: List[str] = MISSING
     seed: int = MISSING
     partial_rollout: str = key(choices="actors.streaming.PARTIAL_ROLLOUTS")  # stream mode: a sync mid-sample continues | aborts it
-    max_inflight_groups: int = key(ge=0, note="0 = 2 x trainer.prompts_per_step")  # stream mode, per actor
+    max_inflight_groups: int = key(ge=0, note="0 = 4 x trainer.prompts_per_step")  # stream mode, per actor
     node_resource: Optional[str] = node_resource()
 
 

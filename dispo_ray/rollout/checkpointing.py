@@ -33,7 +33,9 @@ def save(trainer: Any) -> str:
         shutil.rmtree(path, ignore_errors=True)
         trainer.learners.save_checkpoint(os.path.join(path, "learner"))
         trainer.guard.record_checkpoint(step)
-        save_driver_state(path, trainer.driver_state(trainer.producer.cursor_before(step)))
+        producer = trainer.producer  # None before the rollouts start (the step-0 checkpoint)
+        cursor = producer.cursor_before(step) if producer is not None else trainer.train_set.state_dict()
+        save_driver_state(path, trainer.driver_state(cursor))
         checkpoints.write_manifest(path, step)
     except Exception as e:  # noqa: BLE001 - one line (the driver first checks for a lost learner rank)
         raise checkpoints.write_failed(step, path, needed, e) from e

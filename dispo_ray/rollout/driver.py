@@ -185,18 +185,19 @@ class Trainer:
                             config=to_dict(cfg), start_step=self.step)
         if resumed:
             log.message(f"resumed from step {self.step} (version {self.weight_sync.version})")
-        self.start_producer()
         first_eval: Optional[float] = None
         last_eval: Dict[str, float] = {}
         stopped_by_guard, self.stopped_by, checkpoint = False, None, None
+        self.producer = None
         try:
             if not resumed:
                 self.warn_if_disk_small(log)
-                last_eval = self.evaluate()
+                last_eval = self.evaluate()  # before the rollouts start: the same engine calls in every mode
                 first_eval = last_eval.get(K.EVAL_ACCURACY)
                 log.log(0, last_eval, advance=False)  # step 0: before any update
                 if tr.collapse_guard.action == "rollback":  # a collapse from the first steps on can return here
                     save(self)
+            self.start_producer()
             while self.step < tr.total_steps and not STOP.requested:
                 t_step = time.perf_counter()
                 batch = self.next_batch()
@@ -238,7 +239,8 @@ class Trainer:
             elif self.step == tr.total_steps and tr.export_final:
                 self.learners.export_hf(os.path.join(self.run_dir, "final_hf"))
         finally:
-            self.producer.stop(wait=not STOP.requested)  # a signal: never wait for a rollout in flight
+            if self.producer is not None:
+                self.producer.stop(wait=not STOP.requested)  # a signal: never wait for a rollout in flight
             log.close()
         summary = {"run_dir": self.run_dir, "steps": self.step, "version": self.weight_sync.version,
                    "first_eval_accuracy": first_eval, "last_eval_accuracy": last_eval.get(K.EVAL_ACCURACY),

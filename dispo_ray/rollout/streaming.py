@@ -18,11 +18,11 @@ per sample. Groups are submitted only while the gate admits the step being fille
 fill the steps the published version admits, ``V + k - s + 1`` of them, at the kept rate seen so far.
 
 **What step s waits for.** A group of version ``v <= s - k`` can train at step ``s`` and never
-later, so the batch is formed only once no such group is still decoding (they come first in the
-batch: nothing is selected for being short; with ``k = 0`` this is the whole round, as in batch
-mode) and ``trainer.prompts_per_step`` groups are ready. If ``prompts_per_step`` groups of
-version ``<= s - k`` are already ready, the remaining ones are aborted instead (surplus).
-Finished groups too old for the next step are dropped as surplus; younger ones carry over.
+later, so the batch is formed only once no such group is still decoding, however long it takes
+(choosing among the finished ones would select for short responses; the engines meanwhile decode
+younger groups), and ``trainer.prompts_per_step`` groups are ready; with ``k = 0`` this is the
+whole round, as in batch mode. The oldest come first, in draw order. Finished groups too old for
+the next step are dropped as surplus (as batch mode drops a round's surplus); younger ones carry over.
 With ``k = 0`` new groups are submitted only when none is in flight (rounds), so a step's
 prompts and per-sample seeds are deterministic and a resumed run samples what the uninterrupted
 run sampled. Dynamic sampling's cap: at most ``(1 + trainer.max_resample_rounds) x
@@ -74,7 +74,7 @@ class StreamingProducer(RolloutProducer):
         self._step_draws: Dict[int, int] = {}  # step -> groups drawn while it filled (seeds)
         cfg = self.cfg
         self.kept_rate = 1.0 / cfg.trainer.oversample if cfg.algorithm.dynamic_sampling else 1.0
-        per_actor = int(cfg.generator.max_inflight_groups) or 2 * int(cfg.trainer.prompts_per_step)
+        per_actor = int(cfg.generator.max_inflight_groups) or 4 * int(cfg.trainer.prompts_per_step)
         self.max_inflight = per_actor * int(cfg.generator.num_actors)
 
     def _run(self) -> None:
@@ -120,14 +120,8 @@ class StreamingProducer(RolloutProducer):
         while True:
             if self._stop.is_set():
                 return None
-            old = [g for g in self.ready if g.version <= step - k]
-            if len(old) >= want:  # the oldest fill the batch: what is still decoding at that age is surplus
-                late = [gid for gid, g in self.inflight.items() if g.version <= step - k]
-                self.router.abort(late)
-                for gid in late:
-                    del self.inflight[gid]
-                counts["rollout/groups_surplus"] += len(late)
-                break
+            # a group that can train at this step and never later is waited for, however long it
+            # decodes: choosing among the finished ones would select for short responses
             waiting_old = any(g.version <= step - k for g in self.inflight.values())
             if len(self.ready) >= want and not waiting_old:
                 break

@@ -164,7 +164,7 @@ def test_cli_bad_value_exits_fast_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("override,fragment", [
-    ("+preset=regime_lbe", "config group 'preset' has no option 'regime_lbe'; choose one of gpu, regime_lab"),
+    ("+preset=regime_lbe", "config group 'preset' has no option 'regime_lbe'; choose one of gpu, longtail, regime_lab"),
     ("algorithm=ppo", "config group 'algorithm' has no option 'ppo'; choose one of base, cispo, dapo, dispo, grpo"),
 ])
 def test_cli_unknown_group_option_is_one_line(tmp_path, override, fragment):
