@@ -141,6 +141,33 @@ def prefix_cache(config: Any, max_len: int) -> Any:
     return Cache(layers=[PrefixLayer(max_len) for _ in range(layers)])
 
 
+GQA_SDPA = "dispo_gqa_sdpa"  # attn_implementation name of gqa_sdpa_attention
+
+
+def gqa_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                       is_causal: Optional[bool] = None, **kwargs: Any) -> Tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, minus the copy of the KV heads: with grouped-query attention
+    and a mask (a left-padded batch always has one) transformers repeats every key and value head
+    before calling sdpa; ``enable_gqa`` reads them in place (the same result to the bit, ~5x
+    faster attention on CPU; on CUDA a mask with ``enable_gqa`` would leave the fused kernels, so
+    the backend uses this on CPU only)."""
+    causal = attention_mask is None and query.shape[2] > 1 and (is_causal is None or is_causal)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling, is_causal=causal,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_gqa_sdpa() -> str:
+    """Register :data:`GQA_SDPA` with transformers (attention, and sdpa's own masks); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
+    AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+    return GQA_SDPA
+
+
 class HFBackend(ReceivingBackend):
 
     def __init__(self, model_path: str, gen_cfg: Any, dtype: str, max_model_len: int):
@@ -151,6 +178,8 @@ class HFBackend(ReceivingBackend):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
+        if self.device.type == "cpu" and self.model.config._attn_implementation == "sdpa":
+            self.model.set_attn_implementation(register_gqa_sdpa())
         self.end_ids = end_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_ids[0]
         self.max_model_len = max_model_len
