@@ -37,7 +37,10 @@ rungs) and the first wall (memory of a rank, the weight sync, the vocabulary-siz
 extrapolated from the measured rungs.
 
 The 0.5B rung is opt-in: ``DISPO_BENCH_SCALE_FULL=1`` or ``python -m bench.bench_scale --full``
-(``DISPO_BENCH_SCALE_RUNGS=0.5B`` runs it alone); on the 2-core VM it takes about 25 minutes (measured figure in docs/scaling.md). ``make bench``
+(``DISPO_BENCH_SCALE_RUNGS=0.5B`` runs it alone). On the 2-core, 23.5 GiB VM (2026-12-06) its
+generation rows took 7 minutes (vllm 2.9, hf 3.8); then one float32 DeepSpeed rank of the 0.5B model
+passed 17.5 GB and the machine ran out of memory, so its learner, ZeRO-2/3 and sync rows need a
+larger machine (a learner child killed by the OOM killer becomes an error row). ``make bench``
 runs the 5M and 50M rungs only: 10 minutes on the 2-core VM while other jobs loaded it (2026-12-06:
 5M 2.3 min, 50M 7.4 min, of which 4 min are the hf rows, whose baseline ``generate(output_scores=True)``
 is slow with a 151k vocabulary); --quick (64 new tokens, one round, no 2-rank rows) about half.
@@ -414,11 +417,21 @@ def _learner_child(path: str, lengths, rounds: int, threads: int, alternate: boo
 
 
 def _in_child(target, *args, timeout: float = 3600) -> Any:
+    import queue
     q = CTX.Queue()
     p = CTX.Process(target=target, args=(*args, q), daemon=False)
     p.start()
+    deadline = time.monotonic() + timeout
     try:
-        status, info = q.get(timeout=timeout)
+        while True:  # a child killed (e.g. by the kernel's OOM killer) never reports: watch it
+            try:
+                status, info = q.get(timeout=5)
+                break
+            except queue.Empty:
+                if not p.is_alive():
+                    raise RuntimeError(f"the child process died (exit code {p.exitcode}; -9: killed, e.g. out of memory)")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the child process did not report within {timeout:.0f} s")
     finally:
         p.join(timeout=60)
         if p.is_alive():
