@@ -43,7 +43,8 @@ passed 17.5 GB and the machine ran out of memory, so its learner, ZeRO-2/3 and s
 larger machine (a learner child killed by the OOM killer becomes an error row). ``make bench``
 runs the 5M and 50M rungs only: 10 minutes on the 2-core VM while other jobs loaded it (2026-12-06:
 5M 2.3 min, 50M 7.4 min, of which 4 min are the hf rows, whose baseline ``generate(output_scores=True)``
-is slow with a 151k vocabulary); --quick (64 new tokens, one round, no 2-rank rows) about half.
+is slow with a 151k vocabulary); --quick (64 new tokens, one round, no 2-rank rows) 3.3 minutes,
+its exponents only a smoke (64-token steps are overhead-dominated at 5M).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 BUDGET_S = 780  # run_all's per-module limits (s): 5M + 50M took 10 min on the loaded 2-core VM
-BUDGET_QUICK_S = 360
+BUDGET_QUICK_S = 360  # --quick took 198 s (2026-12-06); margin for a loaded VM
 CTX = mp.get_context("spawn")
 VOCAB = 151_936  # Qwen2.5's padded vocabulary rows
 RUNGS: Dict[str, Dict[str, int]] = {
