@@ -12,7 +12,7 @@ engines and torch.distributed worlds that cannot be cleanly re-created in one pr
 hang stays inside its module; and each module gets a wall-clock budget (module-level lines
 ``BUDGET_S = 300`` and ``BUDGET_QUICK_S = 120``, read from the source; else the defaults below)
 after which its process group is stopped and an error row recorded. A failing module never stops
-the others. The whole run has a budget too (``--budget``, default 45 minutes, 20 with ``--quick``,
+the others. The whole run has a budget too (``--budget``, default 58 minutes, 26 with ``--quick``,
 times ``--repeat``; the TRL peer benchmark alone takes ~9): a module gets at most what is left
 of it, and modules that find it spent are recorded as error rows without running.
 
@@ -49,7 +49,8 @@ RESULTS_MD = os.path.join(BENCH_DIR, "results.md")
 DEFAULT_BUDGET_S, DEFAULT_BUDGET_QUICK_S = 300.0, 120.0  # per module, unless it declares its own
 KNOWN_BUDGETS = {"bench_reward": (400.0, 150.0)}  # (full, quick) for modules that declare none: 131 s
                                                   # on a quiet 2-core machine, > 300 s under load
-TOTAL_BUDGET_S, TOTAL_BUDGET_QUICK_S = 2700.0, 1200.0  # the whole run: 20 minutes + the TRL peer benchmark
+TOTAL_BUDGET_S, TOTAL_BUDGET_QUICK_S = 3480.0, 1560.0  # the whole run: 20 minutes + the TRL peer benchmark
+                                                       # + the scale ladder (bench_scale's own budgets)
 ORDER = ("reward", "learner", "packing", "sync", "generator", "async")  # run first, in this order; then the rest
 _BUDGET_RE = re.compile(r"^(BUDGET_S|BUDGET_QUICK_S)\s*(?::\s*\w+\s*)?=\s*([0-9.]+)", re.M)
 
