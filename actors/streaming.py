@@ -219,6 +219,10 @@ class EngineLoop:
         continue or restart every unfinished sample under it (``generator.partial_rollout``)."""
         with self.engine():
             running = list(self._samples.values())
+            unsent = getattr(self.engine_api, "unsent", None)  # tokens drawn since a request last reported
+            for key, (ids, lps) in (unsent([s.key for s in running]) if unsent else {}).items():
+                self._samples[key].extend(Delta(key, ids, lps, False), self.version)
+                self.stats["tokens"] += len(ids)
             self.engine_api.abort([s.key for s in running])
             self._samples.clear()
             self.version = int(receive())

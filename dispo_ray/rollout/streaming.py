@@ -40,7 +40,8 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from actors.backends.base import SamplingSpec
 from actors.streaming import GroupRequest
@@ -50,6 +51,7 @@ from dispo_ray.sample import Sample
 
 ROLLOUT_MODES = ("batch", "stream")  # trainer.rollout_mode's choices
 POLL_S = 0.2
+RATE_WINDOW = 64  # finished groups the kept rate is measured over
 
 
 @dataclass
@@ -73,7 +75,7 @@ class StreamingProducer(RolloutProducer):
         self.tag = uuid.uuid4().hex[:6]  # group ids stay unique across producers (resume, rollback)
         self._step_draws: Dict[int, int] = {}  # step -> groups drawn while it filled (seeds)
         cfg = self.cfg
-        self.kept_rate = 1.0 / cfg.trainer.oversample if cfg.algorithm.dynamic_sampling else 1.0
+        self.outcomes: Deque[bool] = deque(maxlen=RATE_WINDOW)  # kept? for the last finished groups
         per_actor = int(cfg.generator.max_inflight_groups) or 4 * int(cfg.trainer.prompts_per_step)
         self.max_inflight = per_actor * int(cfg.generator.num_actors)
 
@@ -151,7 +153,7 @@ class StreamingProducer(RolloutProducer):
         cfg, k = self.cfg, self.cfg.trainer.max_staleness
         version = self.gate.version
         steps = max(version + k - step + 1, 1)
-        target = math.ceil((steps * want - len(self.ready)) / max(self.kept_rate, 0.125))
+        target = math.ceil((steps * want - len(self.ready)) / max(self.kept_rate(), 0.125))
         if k == 0 and self.draws_this_step(step) == 0 and cfg.algorithm.dynamic_sampling:
             target = math.ceil(want * cfg.trainer.oversample) - len(self.ready)  # DAPO's first round
         n = min(target - len(self.inflight), self.max_inflight - len(self.inflight), budget)
@@ -178,18 +180,25 @@ class StreamingProducer(RolloutProducer):
         samples = [s for _, group in finished for s in group]
         self.rewards.score_samples(samples)
         generated.extend(samples)
-        kept = 0
         for gid, group in finished:
             g = self.inflight.pop(gid)
             g.samples, g.version = group, min(s.version for s in group)
-            if not self.cfg.algorithm.dynamic_sampling or is_informative(group):
+            keep = not self.cfg.algorithm.dynamic_sampling or is_informative(group)
+            self.outcomes.append(keep)
+            if keep:
                 self.ready.append(g)
-                kept += 1
             else:
                 counts["rollout/groups_dropped"] += 1
-        # kept-rate estimate for sizing top-ups (slow moving: one group is a noisy sample)
-        self.kept_rate = 0.8 * self.kept_rate + 0.2 * kept / len(finished)
         return time.perf_counter() - t0
+
+    def kept_rate(self) -> float:
+        """The share of finished groups dynamic sampling kept, over the last ``RATE_WINDOW``
+        (before any: ``1 / trainer.oversample``, the rate DAPO's over-sampling assumes)."""
+        if not self.cfg.algorithm.dynamic_sampling:
+            return 1.0
+        if not self.outcomes:
+            return 1.0 / self.cfg.trainer.oversample
+        return sum(self.outcomes) / len(self.outcomes)
 
     def _form(self, step: int, want: int, G: int, counts: Dict[str, float]) -> List[Sample]:
         k = self.cfg.trainer.max_staleness

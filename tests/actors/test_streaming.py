@@ -60,10 +60,12 @@ def group(gid, cfg, n=1, max_new_tokens=512, seed=1):
     return GroupRequest(gid, PromptRecord("p", "", PROMPT, "0", "t"), n, spec)
 
 
-def wait_tokens(loop, at_least, timeout=60):
+def wait_steps(loop, at_least, timeout=60):
+    """Until the engine has taken ``at_least`` steps (one token for every running sample each; a
+    streamed request reports tokens only at its first and last step)."""
     t0 = time.monotonic()
-    while loop.stats["tokens"] < at_least and time.monotonic() - t0 < timeout:
-        time.sleep(0.005)
+    while loop.stats["steps"] < at_least and time.monotonic() - t0 < timeout:
+        time.sleep(0.002)
 
 
 def test_groups_come_out_as_they_finish_and_private_ones_stay_private(engine):
@@ -93,7 +95,7 @@ def test_a_sync_mid_sample_continues_it_with_exact_per_token_logprobs(engine):
     loop = make_loop(engine, "continue")
     try:
         loop.submit([group("g", cfg, max_new_tokens=300, seed=5)])
-        wait_tokens(loop, 40)
+        wait_steps(loop, 40)
         assert loop.swap_weights(lambda: 1) == 1
         out = []
         while not out:
@@ -114,7 +116,7 @@ def test_abort_policy_restarts_the_sample_under_the_new_version(engine):
     loop = make_loop(engine, "abort")
     try:
         loop.submit([group("g", cfg, max_new_tokens=200, seed=7)])
-        wait_tokens(loop, 20)
+        wait_steps(loop, 20)
         loop.swap_weights(lambda: 3)
         out = []
         while not out:

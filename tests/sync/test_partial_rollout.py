@@ -56,7 +56,7 @@ def test_a_sample_spanning_two_versions_carries_each_tokens_own_logprob(ray_clus
         spec = SamplingSpec.from_config(cfg.generator, {"seed": 11})
         pool.stream.submit([GroupRequest("g", PromptRecord("p", "", PROMPT, "0", "t"), 1, spec)])
         deadline = time.monotonic() + 120
-        while ray.get(actor.load.remote())["stream"]["tokens"] < 30:
+        while ray.get(actor.load.remote())["stream"]["steps"] < 30:  # one token per engine step
             assert time.monotonic() < deadline
             time.sleep(0.01)
         sync.publish(1)  # between two engine steps, mid-sample
