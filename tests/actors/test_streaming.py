@@ -28,6 +28,8 @@ def engine():
     backend = make_backend(cfg, path)
     yield cfg, path, backend
     backend.shutdown()
+    import vllm.envs
+    vllm.envs.disable_envs_cache()  # an in-process engine core freezes vLLM's env reads; later tests set env vars
 
 
 def reference_logprobs(path: str, prompt, tokens) -> torch.Tensor:

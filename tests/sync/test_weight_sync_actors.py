@@ -33,10 +33,10 @@ def test_sync_behind_a_generation_longer_than_the_sync_timeout(sync_and_path):
     import ray
 
     sync, path = sync_and_path
-    recs = records(path, PROMPTS * 4)
+    recs = records(path, PROMPTS * 16)  # 512 rows: several seconds even with the faster hf decode loop
     actor = sync.generators.actors[0]
     t0 = time.monotonic()
-    long_gen = actor.generate.remote(recs, 8, {"max_new_tokens": 150, "stop": []})
+    long_gen = actor.generate.remote(recs, 8, {"max_new_tokens": 200, "stop": []})
     # the actor runs calls concurrently (a sync may reach a streaming engine between two steps);
     # a batch generate holds the engine for its whole call, so a sync issued after it started waits
     time.sleep(1.0)
@@ -45,7 +45,7 @@ def test_sync_behind_a_generation_longer_than_the_sync_timeout(sync_and_path):
     samples = ray.get(long_gen)
     busy = ray.get(actor.load.remote())["busy_s"]
     print(f"\ngeneration {busy:.1f}s, publish returned {waited:.1f}s after it was issued (sync timeout 1 s)")
-    assert busy > 2.0 and waited > busy * 0.8  # the sync really waited behind the generation
+    assert busy > 1.5 and waited > busy * 0.8  # longer than the 1 s sync timeout, and the sync waited for it
     assert {s.version for s in samples} == {0}
     assert sync.generators.versions() == [1] and sync.version == 1
     sync.publish(2)  # the next sync, with idle generators, as usual
