@@ -12,7 +12,8 @@ whose boundary we set by hand), so the reduced gradient is ``(1/W) * sum_r sum_k
 """
 from __future__ import annotations
 
-import math
+import gc
+import json
 import os
 import random
 import shutil
@@ -22,12 +23,19 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from actors.deepspeed_setup import ds_config, lr_lambda, make_optimizer
 from actors.learner_sync import LearnerSyncMixin
 from dispo_ray.algorithm.logprobs import causal_token_logprobs
 from dispo_ray.algorithm.losses import get_policy_loss, merge_raw_metrics
 from dispo_ray.algorithm.packing import empty_forward, packed_forward, select_rows
 
+LAYOUT_FILE = "zero_layout.json"  # in a learner checkpoint: {"zero_stage", "world_size"}
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
+
+
+def _with_stage(overrides: Dict[str, Any], stage: int) -> Dict[str, Any]:
+    zero = dict(overrides.get("zero_optimization", {}), stage=stage)
+    return {**overrides, "zero_optimization": zero}
 
 
 class _PolicyLogProbs(torch.nn.Module):
@@ -46,73 +54,6 @@ class _PolicyLogProbs(torch.nn.Module):
                           use_cache=False).last_hidden_state
         return causal_token_logprobs(hidden, self.lm.get_output_embeddings(), input_ids,
                                      self.chunk_size, mask=response_mask)
-
-
-LR_SCHEDULES = ("constant", "cosine")  # learner.lr_schedule's choices (lr_lambda)
-
-
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
-    """LR multiplier at optimizer step s: linear warm-up ``(s+1)/warmup`` for s < warmup, then 1
-    (constant) or ``0.5 * (1 + cos(pi * p))`` with p = (s - warmup) / (total - warmup) (cosine to 0)."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * p))
-    return f
-
-
-def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-# The DeepSpeed entries ds_config derives from other keys (entry -> those keys): an override in
-# learner.deepspeed_config would desync them, so the config refuses these (LearnerConfig.check).
-DEEPSPEED_OWNED_KEYS = {
-    "train_batch_size": "learner.micro_batch_size * learner.num_actors",
-    "train_micro_batch_size_per_gpu": "learner.micro_batch_size",
-    "gradient_accumulation_steps": "learner.mini_batches and micro_batch_size",
-    "gradient_clipping": "learner.grad_clip", "zero_optimization.stage": "learner.zero_stage",
-    "bf16": "model.dtype", "fp16": "model.dtype",
-    "optimizer": "learner.lr, betas, weight_decay (torch AdamW)", "scheduler": "learner.lr_schedule, warmup_steps",
-}
-
-
-def ds_config(cfg: Any, world_size: int, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The DeepSpeed config derived from ``cfg.learner`` / ``cfg.model``, then ``learner.deepspeed_config``
-    (the user's extra entries, e.g. ZeRO offload; keys the learner owns are rejected by the config)
-    and ``overrides`` merged over it, nested dicts key by key."""
-    l = cfg.learner
-    c: Dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": l.micro_batch_size,
-        "gradient_accumulation_steps": 1,  # the boundary is set by hand per mini-batch
-        "train_batch_size": l.micro_batch_size * world_size,
-        "gradient_clipping": l.grad_clip,
-        "zero_optimization": {"stage": l.zero_stage},
-        "zero_allow_untested_optimizer": True,  # torch AdamW as client optimizer (no JIT build)
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.model.dtype == "float16"},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    return _deep_merge(_deep_merge(c, dict(l.deepspeed_config or {})), overrides or {})
-
-
-def make_optimizer(params, l: Any, config: Dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW from ``learner.lr / betas / weight_decay``: torch's, or DeepSpeedCPUAdam (the same
-    update, vectorised on the host) when the DeepSpeed config offloads the optimizer, as DeepSpeed
-    demands of an offloaded client optimizer. The latter JIT-compiles once (~45 s, then cached)."""
-    offload = (config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    kw = dict(lr=l.lr, betas=tuple(l.betas), weight_decay=l.weight_decay)
-    if offload != "none":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
-    return torch.optim.AdamW(params, **kw)
 
 
 def load_policy_model(model_path: str, dtype: str, packed: bool = False) -> torch.nn.Module:
@@ -236,8 +177,15 @@ class LearnerWorker(LearnerSyncMixin):
                                              timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
+        info = self._build_engine(self.ds_overrides)
+        return {"rank": self.rank, "backend": backend, "device": str(self.device), **info}
+
+    def _build_engine(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
+        """Load the model and wrap it in a DeepSpeed engine under ``ds_config(cfg, W, overrides)``."""
+        import deepspeed
+
         l = self.cfg.learner
-        config = ds_config(self.cfg, self.world_size, self.ds_overrides)
+        config = ds_config(self.cfg, self.world_size, overrides)
         if config["zero_optimization"].get("stage") == 3:
             # transformers then builds the model inside deepspeed.zero.Init and loads each tensor
             # straight into its partition, so no rank ever holds the whole model (it keeps only a
@@ -261,8 +209,7 @@ class LearnerWorker(LearnerSyncMixin):
         # HF names (wrapper prefix stripped); a tied lm_head.weight is not a separate parameter.
         self.named_params = [(n[len("lm."):], p) for n, p in self.engine.module.named_parameters()]
         self.loss_fn = get_policy_loss(self.cfg.algorithm.name)
-        return {"rank": self.rank, "backend": backend, "device": str(self.device),
-                "zero_stage": self.engine.zero_optimization_stage(), "loaded_param_fraction": local_fraction,
+        return {"zero_stage": self.engine.zero_optimization_stage(), "loaded_param_fraction": local_fraction,
                 "gradient_checkpointing": bool(lm.is_gradient_checkpointing),
                 "attn_implementation": lm.config._attn_implementation}
 
@@ -377,12 +324,23 @@ class LearnerWorker(LearnerSyncMixin):
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if self.cuda else None}
         torch.save(rng, os.path.join(path, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0:  # the layout the shards are in, which a resume must build the same
+            with open(os.path.join(path, LAYOUT_FILE), "w") as f:
+                json.dump({"zero_stage": self.engine.zero_optimization_stage(), "world_size": self.world_size}, f)
         torch.distributed.barrier()
         return path
 
     def load_checkpoint(self, path: str) -> str:
         if not os.path.isfile(os.path.join(path, "latest")):
             raise FileNotFoundError(f"load_checkpoint: no DeepSpeed checkpoint ('latest' file) in {path}")
+        stage = self._saved_stage(path)
+        if stage != self.engine.zero_optimization_stage():
+            # written in another ZeRO layout (before one rank ran ZeRO-1/2 as stage 0): rebuild the
+            # engine in that layout, since DeepSpeed reads optimizer shards only in the one they have
+            self.engine = self.optimizer = self.scheduler = self.policy = None
+            self.named_params = []
+            gc.collect()
+            self._build_engine(_with_stage(self.ds_overrides, stage))
         loaded, _ = self.engine.load_checkpoint(path, load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None:
             raise RuntimeError(f"load_checkpoint: DeepSpeed could not load {path}")
@@ -393,6 +351,15 @@ class LearnerWorker(LearnerSyncMixin):
         if self.cuda and rng["cuda"] is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
         return loaded
+
+    def _saved_stage(self, path: str) -> int:
+        """The ZeRO stage the checkpoint at ``path`` was written with: its layout file, or for a
+        checkpoint older than that file, the configured ``learner.zero_stage`` (then always used)."""
+        try:
+            with open(os.path.join(path, LAYOUT_FILE)) as f:
+                return int(json.load(f)["zero_stage"])
+        except FileNotFoundError:
+            return int(self.cfg.learner.zero_stage)
 
     def export_hf(self, path: str) -> Optional[str]:
         """``save_pretrained`` folder (safetensors, ``model.dtype``) + the source's tokenizer files,

@@ -2,7 +2,7 @@
 ``learner.max_tokens_per_micro_batch`` (packed, unpadded, one causal sdpa per sequence) divided by
 the padded reference (``micro_batch_size`` samples right-padded to the longest of each micro-batch).
 
-Same process, same DeepSpeed engine (ZeRO-1, world size 1, one CPU thread), same Qwen2-shaped
+Same process, same DeepSpeed engine (world size 1, so stage 0: actors.deepspeed_setup; one CPU thread), same Qwen2-shaped
 random model built in code (hidden 256, 3 layers, 4 heads of 64, 2 KV heads, vocabulary 4096: the
 tiny demo model, 0.3 M parameters, is too small to show padding's cost), same samples. Two length
 distributions:
@@ -117,7 +117,7 @@ def main(quick: bool = False) -> List[dict]:
                 "notes": f"{n} samples, length p50 {r['p50']:.0f} / p95 {r['p95']:.0f} / max {r['max']}; "
                          f"padded {mbs} a micro-batch ({r['padded_tokens']} tokens with padding for "
                          f"{r['tokens']:.0f}), packed {budget}-token budget ({r['micro_batches']} micro-batches); "
-                         f"Qwen2 256x3, vocab {VOCAB}, ZeRO-1 W=1, 1 thread, median of {rounds} alternating steps"})
+                         f"Qwen2 256x3, vocab {VOCAB}, DeepSpeed W=1 (stage 0), 1 thread, median of {rounds} alternating steps"})
         worker.shutdown()
     return rows
 

@@ -196,7 +196,7 @@ class LearnerConfig:
     weight_decay: float = key(ge=0)
     betas: List[float] = key(test=lambda b: len(b) == 2 and all(0 <= x < 1 for x in b),
                              allowed="two numbers in [0, 1)")
-    lr_schedule: str = key(choices="actors.learner.LR_SCHEDULES")
+    lr_schedule: str = key(choices="actors.deepspeed_setup.LR_SCHEDULES")
     warmup_steps: int = key(ge=0)
     grad_clip: float = key(ge=0, note="0 = off")
     mini_batches: int = key(ge=1)  # optimizer steps per rollout batch
@@ -212,7 +212,7 @@ class LearnerConfig:
     node_resource: Optional[str] = node_resource()
 
     def check(self, at: str) -> None:
-        for k, owner in owned("actors.learner.DEEPSPEED_OWNED_KEYS").items():  # entries the learner derives
+        for k, owner in owned("actors.deepspeed_setup.DEEPSPEED_OWNED_KEYS").items():  # entries the learner derives
             node: Any = self.deepspeed_config
             for part in k.split("."):
                 node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT

@@ -334,3 +334,55 @@ def test_weight_sync_sends_zero3_weights_in_buckets_and_fails_on_dead_peer(ray_c
     assert isinstance(err.value.cause if hasattr(err.value, "cause") else err.value, WeightSyncError) \
         or "weight sync" in str(err.value)
     assert group.compute_log_probs(collate([Sample("x", [5, 6], [7, 8], [0.0, 0.0], 0)], 0)).shape == (1, 4)
+
+
+def test_one_rank_runs_stage_0_and_resumes_a_zero1_checkpoint_in_its_layout(ray_cluster, model_path, data, tmp_path):
+    """At one rank ZeRO-1 partitions nothing, so ``learner.zero_stage=1`` runs as stage 0 (and
+    matches the single-process reference); a checkpoint written by a one-rank ZeRO-1 engine (as every
+    one-rank run wrote before that rule, without the layout file) is resumed by rebuilding the engine
+    at stage 1: the next step equals the one the writing engine takes."""
+    from actors.learner import LAYOUT_FILE
+    from actors.learner_group import LearnerGroup
+    one = _cfg(1, "learner.num_actors=1", "learner.micro_batch_size=2")
+    stages = lambda g: call_on(g.actors, lambda w: w.engine.zero_optimization_stage())  # noqa: E731
+
+    plain = LearnerGroup(one, model_path)
+    try:
+        assert [i["zero_stage"] for i in plain.info] == [0]
+        for b in data["batches"][:STEPS]:
+            plain.train_step(b)
+        for name, t in data["ref_params"].items():  # stage 0 is the same update
+            torch.testing.assert_close(plain.hf_state_dict()[name], t, atol=2e-5, rtol=0)
+    finally:
+        plain.shutdown()
+
+    old = LearnerGroup(one, model_path, ds_config_overrides={"zero_optimization": {"stage": 1}})
+    ckpt = str(tmp_path / "ckpt")
+    try:
+        assert stages(old) == [1]
+        old.train_step(data["batches"][0])
+        old.save_checkpoint(ckpt)
+        assert json_load(os.path.join(ckpt, LAYOUT_FILE)) == {"zero_stage": 1, "world_size": 1}
+        os.remove(os.path.join(ckpt, LAYOUT_FILE))  # as written before the layout file existed
+        expected = old.train_step(data["batches"][1])
+        expected_params = old.hf_state_dict()
+    finally:
+        old.shutdown()
+    fresh = LearnerGroup(one, model_path)
+    try:
+        assert stages(fresh) == [0]
+        fresh.load_checkpoint(ckpt)
+        assert stages(fresh) == [1]
+        got = fresh.train_step(data["batches"][1])
+        got_params = fresh.hf_state_dict()
+    finally:
+        fresh.shutdown()
+    assert got["actor/loss"] == pytest.approx(expected["actor/loss"], rel=1e-6)
+    for name, t in expected_params.items():
+        torch.testing.assert_close(got_params[name], t, atol=1e-6, rtol=0)
+
+
+def json_load(path):
+    import json
+    with open(path) as f:
+        return json.load(f)

@@ -45,7 +45,7 @@ def test_growth_rows_from_hand_made_measurements():
     for rung, p, gen_s, train_s in (("a", 1e6, 1.0, 2.0), ("b", 1e8, 10.0, 200.0)):
         rows.append({"name": f"scale {rung}: generator tokens/s, hf: x", "_rung": rung, "_params": p,
                      "_seconds": gen_s, "_rss": 1 << 30})
-        rows.append({"name": f"scale {rung}: learner step, DeepSpeed ZeRO-1 W=1 / bare", "_rung": rung, "_params": p,
+        rows.append({"name": f"scale {rung}: learner step, DeepSpeed W=1 / bare", "_rung": rung, "_params": p,
                      "_seconds": train_s, "_rss": int(16 * p)})
     out, lines, walls = growth(rows)
     by = {r["name"]: r["value"] for r in out}

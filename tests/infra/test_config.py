@@ -102,7 +102,7 @@ def test_every_rule_names_a_live_owner_and_the_key_table_covers_every_key():
 
 
 def test_deepspeed_config_entries_merge_into_the_derived_config():
-    from actors.learner import ds_config
+    from actors.deepspeed_setup import ds_config
     cfg = compose(["learner.zero_stage=3", "learner.micro_batch_size=4", "learner.grad_clip=0.5",
                    "learner.deepspeed_config={zero_optimization:{offload_optimizer:{device:cpu},"
                    "stage3_max_live_parameters:1000},communication_data_type:fp32}"])
@@ -110,7 +110,16 @@ def test_deepspeed_config_entries_merge_into_the_derived_config():
     assert c["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                       "stage3_max_live_parameters": 1000, "stage3_param_persistence_threshold": 0}
     assert (c["communication_data_type"], c["train_batch_size"], c["gradient_clipping"]) == ("fp32", 8, 0.5)
-    assert ds_config(compose([]), 1)["zero_optimization"] == {"stage": 1}
+
+
+def test_one_rank_runs_zero_1_and_2_as_stage_0_unless_it_offloads():
+    from actors.deepspeed_setup import ds_config
+    stage = lambda over, w, ov=None: ds_config(compose(over), w, ov)["zero_optimization"]["stage"]  # noqa: E731
+    assert stage([], 2) == 1 and stage([], 1) == 0  # the default learner.zero_stage is 1
+    assert stage(["learner.zero_stage=2"], 1) == 0 and stage(["learner.zero_stage=3"], 1) == 3
+    offload = "learner.deepspeed_config={zero_optimization:{offload_optimizer:{device:cpu}}}"
+    assert stage(["learner.zero_stage=2", offload], 1) == 2  # ZeRO-Offload onto one device keeps its stage
+    assert stage([], 1, {"zero_optimization": {"stage": 1}}) == 1  # named by the caller: a checkpoint's layout
 
 
 def test_a_wheel_install_ships_and_finds_conf(tmp_path):
