@@ -8,6 +8,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
+# ZeRO-1/2 stage gradients through a reduce bucket and gather parameters through an all-gather
+# bucket, each DeepSpeed-default 5e8 ELEMENTS (2 GB in float32), filled whole once a model has
+# ~0.5B parameters: two ZeRO-2 ranks of the 0.5B rung passed 11 GB each and Ray's OOM killer took
+# one on the 23.5 GiB VM; at 5e7 (200 MB fp32, 100 MB bf16: past the ~64 MB where NCCL and gloo
+# reach their bus bandwidth) each peaked at 8.5 GiB (bench_scale, docs/scaling.md). A user's
+# entry in learner.deepspeed_config wins.
+ZERO_BUCKET_ELEMENTS = 50_000_000
+
 LR_SCHEDULES = ("constant", "cosine")  # learner.lr_schedule's choices (lr_lambda)
 
 
@@ -60,7 +68,8 @@ def ds_config(cfg: Any, world_size: int, overrides: Optional[Dict[str, Any]] = N
         "gradient_accumulation_steps": 1,  # the boundary is set by hand per mini-batch
         "train_batch_size": l.micro_batch_size * world_size,
         "gradient_clipping": l.grad_clip,
-        "zero_optimization": {"stage": l.zero_stage},
+        "zero_optimization": {"stage": l.zero_stage, "reduce_bucket_size": ZERO_BUCKET_ELEMENTS,
+                              "allgather_bucket_size": ZERO_BUCKET_ELEMENTS},
         "zero_allow_untested_optimizer": True,  # torch AdamW as client optimizer (no JIT build)
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "fp16": {"enabled": cfg.model.dtype == "float16"},

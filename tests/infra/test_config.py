@@ -102,14 +102,18 @@ def test_every_rule_names_a_live_owner_and_the_key_table_covers_every_key():
 
 
 def test_deepspeed_config_entries_merge_into_the_derived_config():
-    from actors.deepspeed_setup import ds_config
+    from actors.deepspeed_setup import ZERO_BUCKET_ELEMENTS as B, ds_config
     cfg = compose(["learner.zero_stage=3", "learner.micro_batch_size=4", "learner.grad_clip=0.5",
                    "learner.deepspeed_config={zero_optimization:{offload_optimizer:{device:cpu},"
                    "stage3_max_live_parameters:1000},communication_data_type:fp32}"])
     c = ds_config(cfg, world_size=2, overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    assert c["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                      "stage3_max_live_parameters": 1000, "stage3_param_persistence_threshold": 0}
+    assert c["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": B,
+                                      "allgather_bucket_size": B, "stage3_max_live_parameters": 1000,
+                                      "stage3_param_persistence_threshold": 0}
     assert (c["communication_data_type"], c["train_batch_size"], c["gradient_clipping"]) == ("fp32", 8, 0.5)
+    # the bucket sizes are defaults, not owned: a user's entry wins
+    mine = ds_config(compose(["learner.deepspeed_config={zero_optimization:{reduce_bucket_size:500000000}}"]), 2)
+    assert mine["zero_optimization"]["reduce_bucket_size"] == 500_000_000
 
 
 def test_one_rank_runs_zero_1_and_2_as_stage_0_unless_it_offloads():
