@@ -52,7 +52,10 @@ KNOWN_BUDGETS = {"bench_reward": (400.0, 150.0)}  # (full, quick) for modules th
 TOTAL_BUDGET_S, TOTAL_BUDGET_QUICK_S = 3480.0, 1560.0  # the whole run: 20 minutes + the TRL peer benchmark
                                                        # + the scale ladder (bench_scale's own budgets)
 ORDER = ("reward", "learner", "packing", "sync", "generator", "async")  # run first, in this order; then the rest
-_BUDGET_RE = re.compile(r"^(BUDGET_S|BUDGET_QUICK_S)\s*(?::\s*\w+\s*)?=\s*([0-9.]+)", re.M)
+_BUDGET_RE = re.compile(r"^(BUDGET_S|BUDGET_QUICK_S|BUDGET_OPT_IN_S)\s*(?::\s*\w+\s*)?=\s*([0-9.]+)", re.M)
+# a module's opt-in part (e.g. bench_scale's 0.5B rung) is turned on by an environment variable it
+# names as OPT_IN_ENV = "..."; while that is set, its BUDGET_OPT_IN_S replaces BUDGET_S
+_OPT_IN_RE = re.compile(r"^OPT_IN_ENV\s*(?::\s*\w+\s*)?=\s*[\"']([A-Z0-9_]+)[\"']", re.M)
 
 # The environment every benchmark needs, as the Makefile exports it (so `python -m bench.run_all`
 # behaves like `make bench`).
@@ -71,8 +74,12 @@ def budget(module: str, quick: bool) -> float:
     """The module's declared ``BUDGET_S`` / ``BUDGET_QUICK_S`` (read from its source, so the parent
     never imports benchmark code), else the defaults."""
     with open(os.path.join(BENCH_DIR, module + ".py")) as f:
-        found = dict(_BUDGET_RE.findall(f.read()))
+        src = f.read()
+    found = dict(_BUDGET_RE.findall(src))
     key = "BUDGET_QUICK_S" if quick else "BUDGET_S"
+    opt_in = _OPT_IN_RE.search(src)
+    if not quick and opt_in and os.environ.get(opt_in.group(1), "") not in ("", "0") and "BUDGET_OPT_IN_S" in found:
+        key = "BUDGET_OPT_IN_S"
     full, short = KNOWN_BUDGETS.get(module, (DEFAULT_BUDGET_S, DEFAULT_BUDGET_QUICK_S))
     return float(found.get(key, short if quick else full))
 

@@ -54,3 +54,16 @@ def test_peer_summary_by_hand():
     startup = rows["start-up to step 1 dispo-ray / TRL"]
     assert startup["met"] is True and startup["ratio"] == 2.5  # the goal is absolute: <= 30 s
     assert rows[f"training wall to {THRESHOLD:.0%} held-out avg@4 dispo-ray / TRL"]["ratio"] == "-"
+
+
+def test_an_opt_in_part_gets_its_own_budget(tmp_path, monkeypatch):
+    import bench.run_all as run_all
+    (tmp_path / "bench_x.py").write_text('BUDGET_S = 100\nBUDGET_QUICK_S = 50\nOPT_IN_ENV = "DISPO_X_FULL"\n'
+                                         "BUDGET_OPT_IN_S = 900\n")
+    monkeypatch.setattr(run_all, "BENCH_DIR", str(tmp_path))
+    monkeypatch.delenv("DISPO_X_FULL", raising=False)
+    assert (run_all.budget("bench_x", False), run_all.budget("bench_x", True)) == (100.0, 50.0)
+    monkeypatch.setenv("DISPO_X_FULL", "0")
+    assert run_all.budget("bench_x", False) == 100.0
+    monkeypatch.setenv("DISPO_X_FULL", "1")
+    assert (run_all.budget("bench_x", False), run_all.budget("bench_x", True)) == (900.0, 50.0)
