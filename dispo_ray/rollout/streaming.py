@@ -5,7 +5,10 @@ The batch producer (:mod:`dispo_ray.rollout.producer`) hands a round of prompts 
 engine is driven request by request (``actors.streaming.EngineLoop``) and this thread
 
 * keeps prompt groups in flight: as groups finish, new ones are submitted, up to what the step
-  being filled still needs (below), at most ``generator.max_inflight_groups`` per actor;
+  being filled still needs (below), at most ``generator.max_inflight_groups`` per actor; and once
+  that step only waits for its last groups (the tail) and the next step's gate is open, each group
+  that finishes is replaced by one for the next step, so the engines do not drain (never more in
+  flight than one step's draw, never more drawn ahead than the next step needs);
 * scores each finished group at once (the reward pool works while the engines decode), and
   applies dynamic sampling to it (kept, or dropped and counted);
 * forms step ``s``'s batch from finished groups, oldest version first, then draw order.
