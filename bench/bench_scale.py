@@ -38,14 +38,13 @@ rungs) and the first wall (memory of a rank, the weight sync, the vocabulary-siz
 extrapolated from the measured rungs.
 
 The 0.5B rung is opt-in: ``DISPO_BENCH_SCALE_FULL=1`` or ``python -m bench.bench_scale --full``
-(``DISPO_BENCH_SCALE_RUNGS=0.5B`` runs it alone). On the 2-core, 23.5 GiB VM (2026-12-06) its
-generation rows took 7 minutes (vllm 2.9, hf 3.8); then one float32 DeepSpeed rank of the 0.5B model
-passed 17.5 GB and the machine ran out of memory, so its learner, ZeRO-2/3 and sync rows need a
-larger machine (a learner child killed by the OOM killer becomes an error row). ``make bench``
-runs the 5M and 50M rungs only: 10 minutes on the 2-core VM while other jobs loaded it (2026-12-06:
-5M 2.3 min, 50M 7.4 min, of which 4 min are the hf rows, whose baseline ``generate(output_scores=True)``
-is slow with a 151k vocabulary); --quick (64 new tokens, one round, no 2-rank rows) 3.3 minutes,
-its exponents only a smoke (64-token steps are overhead-dominated at 5M).
+(``DISPO_BENCH_SCALE_RUNGS=0.5B`` runs it alone); its learner rows run first, while this process
+holds no engine. On the 2-core, 23.5 GiB VM (2026-12-06, nothing else running) the three rungs took
+655 s: 5M 108 s, 50M 136 s, 0.5B 401 s. Two ZeRO-3 ranks of the 0.5B model (10.5 GiB each) plus
+the driver fill that machine: Ray's memory monitor may kill them, which becomes an error row.
+``make bench`` runs the 5M and 50M rungs (~4 min quiet, 10 min on a loaded VM); --quick (64 new
+tokens, one round, no 2-rank rows) ~3 minutes, its exponents only a smoke (64-token steps are
+overhead-dominated at 5M).
 """
 from __future__ import annotations
 
