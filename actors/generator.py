@@ -96,20 +96,17 @@ class GeneratorActor:
         if not records:
             return []
         spec = SamplingSpec.from_config(self.cfg.generator, sampling)
-        if self.loop.in_flight():
-            tag = uuid.uuid4().hex[:8]
-            groups = [GroupRequest(f"gen-{tag}-{i}", r, n, spec) for i, r in enumerate(records)]
-            self.loop.submit(groups, private=True)
-            got: Dict[str, List[Sample]] = {}
-            while len(got) < len(groups):
-                got.update(self.loop.collect(1.0, {g.gid for g in groups} - set(got)))
-            return [x for g in groups for x in got[g.gid]]
         t0, since = time.perf_counter(), log_offset()
         try:
             with self.loop.engine():
-                completions = self.backend.generate([r.prompt_token_ids for r in records], n, spec)
+                # decided while holding the engine: a group submitted between a check and the call
+                # would be stepped (and its outputs collected) by the batch call
+                streaming = self.loop.in_flight() > 0
+                completions = None if streaming else self.backend.generate([r.prompt_token_ids for r in records], n, spec)
         except Exception as e:  # noqa: BLE001 - re-raised with the engine's own root cause
             raise engine_root_cause(e, since, f"generator {self.index}: {self.cfg.generator.backend} generate") from e
+        if completions is None:
+            return self._beside_stream(records, n, spec)
         out: List[Sample] = []
         for rec, group in zip(records, completions):
             if len(group) != n:
@@ -120,6 +117,16 @@ class GeneratorActor:
         self.stats["prompts"] += len(records)
         self.stats["busy_s"] += time.perf_counter() - t0
         return out
+
+    def _beside_stream(self, records: List[PromptRecord], n: int, spec: SamplingSpec) -> List[Sample]:
+        """``generate`` while groups stream: private groups through the engine loop beside them."""
+        tag = uuid.uuid4().hex[:8]
+        groups = [GroupRequest(f"gen-{tag}-{i}", r, n, spec) for i, r in enumerate(records)]
+        self.loop.submit(groups, private=True)
+        got: Dict[str, List[Sample]] = {}
+        while len(got) < len(groups):
+            got.update(self.loop.collect(1.0, {g.gid for g in groups} - set(got)))
+        return [x for g in groups for x in got[g.gid]]
 
     def _sample(self, rec: PromptRecord, token_ids: List[int], logprobs: List[float], finish_reason: str,
                 spans: List[List[int]]) -> Sample:

@@ -146,3 +146,42 @@ def test_abort_drops_a_group_wherever_it_is(engine):
             loop.submit([group("c", cfg, max_new_tokens=2), group("c", cfg, max_new_tokens=2)])
     finally:
         loop.close()
+
+
+def test_a_batch_generate_never_steps_a_group_submitted_right_after_its_check(engine):
+    """``GeneratorActor.generate`` (an evaluation) decides between one batch engine call and private
+    groups beside the stream while it holds the engine: a group another actor thread submits just
+    after that decision waits for the batch call, instead of being stepped (and its outputs taken)
+    by it (which failed a k = 1 streaming run at its step-100 evaluation)."""
+    import threading
+
+    from actors.generator import GeneratorActor
+    from actors.streaming import EngineLoop
+
+    cfg, path, backend = engine
+    actor = GeneratorActor.__new__(GeneratorActor)  # the real methods over the module's engine
+    actor.cfg, actor.index, actor.backend, actor.tokenizer = cfg, 0, backend, backend.tokenizer
+    actor.stats = {"calls": 0, "prompts": 0, "samples": 0, "tokens": 0, "busy_s": 0.0, "syncs": 0}
+    actor.loop = EngineLoop(backend, "continue", lambda s: actor._sample(s.group.record, s.token_ids, s.logprobs,
+                                                                         s.finish_reason, s.spans))
+    checked = actor.loop.in_flight
+    submitter = []
+
+    def in_flight_then_a_submit_arrives():
+        n = checked()
+        if not submitter:  # another thread submits right after the check, and gets the engine if it is free
+            t = threading.Thread(target=actor.submit, args=([group("streamed", cfg, max_new_tokens=40)],))
+            submitter.append(t)
+            t.start()
+            t.join(0.5)
+        return n
+
+    actor.loop.in_flight = in_flight_then_a_submit_arrives
+    try:
+        out = actor.generate([PromptRecord("mine", "", PROMPT, "0", "t")], 2, {"max_new_tokens": 3, "seed": 5})
+        assert [s.prompt_uid for s in out] == ["mine", "mine"] and all(len(s.response_token_ids) <= 3 for s in out)
+        submitter[0].join(30)
+        streamed = actor.loop.collect(60.0)
+        assert [gid for gid, _ in streamed] == ["streamed"] and len(streamed[0][1][0].response_token_ids) > 0
+    finally:
+        actor.loop.close()
