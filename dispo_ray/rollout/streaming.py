@@ -135,8 +135,7 @@ class StreamingProducer(RolloutProducer):
                 drawn += n
                 counts["rollout/rounds"] += float(n > 0)
                 counts["rollout/prompts"] += n
-            if k > 0 and step + 1 < self.total_steps and self.gate.admissible(step + 1):
-                counts["rollout/prompts_ahead"] += self._top_up_ahead(step + 1, want, cap)
+            counts["rollout/prompts_ahead"] += self._top_up_ahead(step + 1, want, cap)
             if not self.inflight:
                 if drawn >= cap or (not cfg.algorithm.dynamic_sampling and drawn >= want):
                     break  # a short batch: the draw cap is spent
@@ -186,7 +185,10 @@ class StreamingProducer(RolloutProducer):
         """While the step before ``step`` waits for its last groups (the tail), replace each group
         that finished with one for ``step``, so the engines stay as full as one step's draw keeps
         them instead of draining (``step``'s gate is open: these groups are young enough for it).
-        Never more than ``step`` itself will need, so nothing is drawn that would go stale."""
+        Never more than ``step`` itself will need, so nothing is drawn that would go stale; nothing
+        at ``k = 0`` (rounds), past the last step, or before ``step``'s gate opens."""
+        if self.cfg.trainer.max_staleness == 0 or step >= self.total_steps or not self.gate.admissible(step):
+            return 0
         full = math.ceil(want / max(self.kept_rate(), 0.125))
         ahead = self.draws_this_step(step)
         n = min(full - len(self.inflight), full - ahead, cap - ahead, self.max_inflight - len(self.inflight))
