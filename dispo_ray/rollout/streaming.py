@@ -9,8 +9,10 @@ engine is driven request by request (``actors.streaming.EngineLoop``) and this t
   that step only waits for its last groups (the tail) and the next step's gate is open, each group
   that finishes is replaced by one for the next step, so the engines do not drain (never more in
   flight than one step's draw, never more drawn ahead than the next step needs);
-* scores each finished group at once (the reward pool works while the engines decode), and
-  applies dynamic sampling to it (kept, or dropped and counted);
+* hands each batch of finished groups to the reward pool at once, in a scoring thread, and goes on
+  submitting and collecting while it is scored (slots freed on the engines are refilled without
+  waiting for the verdicts); a scored group then meets dynamic sampling (kept, or dropped and
+  counted);
 * forms step ``s``'s batch from finished groups, oldest version first, then draw order.
 
 **Per-sample staleness.** A group's version is its oldest token's (a weight sync may land while
@@ -42,6 +44,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_futures
 from dataclasses import dataclass
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
@@ -54,6 +57,7 @@ from dispo_ray.sample import Sample
 
 ROLLOUT_MODES = ("batch", "stream")  # trainer.rollout_mode's choices
 POLL_S = 0.2
+SCORED_POLL_S = 0.02  # the collect wait while groups are being scored, so a verdict is seen soon
 RATE_WINDOW = 64  # finished groups the kept rate is measured over
 
 
@@ -81,6 +85,10 @@ class StreamingProducer(RolloutProducer):
         self.outcomes: Deque[bool] = deque(maxlen=RATE_WINDOW)  # kept? for the last finished groups
         per_actor = int(cfg.generator.max_inflight_groups) or 4 * int(cfg.trainer.prompts_per_step)
         self.max_inflight = per_actor * int(cfg.generator.num_actors)
+        # finished groups being scored, oldest first; they stay in ``inflight`` (not trained, and
+        # carried by a checkpoint) until their verdicts are in
+        self.scoring: Deque[Tuple[Future, List[Tuple[str, List[Sample]]]]] = deque()
+        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-scorer")
 
     def _run(self) -> None:
         try:
@@ -93,6 +101,7 @@ class StreamingProducer(RolloutProducer):
         except BaseException as e:  # surfaced to the driver by get()
             self._out.put(e)
         finally:
+            self._scorer.shutdown(wait=False, cancel_futures=True)
             try:
                 self.router.abort_all()  # nothing of this producer keeps decoding
             except Exception:  # noqa: BLE001 - the pools may be shutting down
@@ -119,12 +128,13 @@ class StreamingProducer(RolloutProducer):
         counts = {"rollout/rounds": 0.0, "rollout/prompts": 0.0, "rollout/prompts_ahead": 0.0, "rollout/groups_dropped": 0.0,
                   "rollout/groups_surplus": 0.0, "rollout/groups_requeued": float(self.router.requeued)}
         generated: List[Sample] = []
-        t0, reward_s = time.perf_counter(), 0.0
+        t0, timing = time.perf_counter(), {"reward_s": 0.0, "blocked_s": 0.0}
         cap = (1 + cfg.trainer.max_resample_rounds) * math.ceil(want * cfg.trainer.oversample)
         drawn = self.draws_this_step(step)  # some may have been drawn ahead, while step - 1 filled
         while True:
             if self._stop.is_set():
                 return None
+            self._absorb_scored(generated, counts, timing)
             # a group that can train at this step and never later is waited for, however long it
             # decodes: choosing among the finished ones would select for short responses
             waiting_old = any(g.version <= step - k for g in self.inflight.values())
@@ -143,13 +153,20 @@ class StreamingProducer(RolloutProducer):
                     self.gate.wait_admissible(step, timeout=0.5)
                 continue
             self.generating.set()
-            finished = self.router.collect(POLL_S)
+            if self.on_engines() == 0:  # only verdicts to wait for
+                t1 = time.perf_counter()
+                wait_futures([self.scoring[0][0]], timeout=POLL_S)
+                timing["blocked_s"] += time.perf_counter() - t1
+                continue
+            finished = self.router.collect(SCORED_POLL_S if self.scoring else POLL_S)
             if finished:
-                reward_s += self._score(finished, generated, counts)
+                self._score(finished)
         self.generating.clear()
         self._step_draws.pop(step, None)
         batch = self._form(step, want, G, counts)
-        seconds = {"timing/generate": time.perf_counter() - t0 - reward_s, "timing/reward": reward_s}
+        # timing/reward: the pool's seconds on the groups scored while this step filled, mostly
+        # overlapping the decoding; timing/generate: the rest of the fill (less the waits on verdicts alone)
+        seconds = {"timing/generate": time.perf_counter() - t0 - timing["blocked_s"], "timing/reward": timing["reward_s"]}
         return RolloutBatch(step=step, samples=batch, generated=generated, cursor=cursor, counts=counts, seconds=seconds)
 
     def _top_up(self, step: int, want: int, budget: int) -> int:
@@ -163,7 +180,8 @@ class StreamingProducer(RolloutProducer):
         target = math.ceil((want - len(self.ready)) / max(self.kept_rate(), 0.125))
         if k == 0 and self.draws_this_step(step) == 0 and cfg.algorithm.dynamic_sampling:
             target = math.ceil(want * cfg.trainer.oversample) - len(self.ready)  # DAPO's first round
-        n = min(target - len(self.inflight), self.max_inflight - len(self.inflight), budget)
+        # groups being scored count towards the target (their verdicts are pending), not the engines' load
+        n = min(target - len(self.inflight), self.max_inflight - self.on_engines(), budget)
         return self._submit(step, n) if n > 0 else 0
 
     def _submit(self, step: int, n: int) -> int:
@@ -190,29 +208,46 @@ class StreamingProducer(RolloutProducer):
         if self.cfg.trainer.max_staleness == 0 or step >= self.total_steps or not self.gate.admissible(step):
             return 0
         full = math.ceil(want / max(self.kept_rate(), 0.125))
-        ahead = self.draws_this_step(step)
-        n = min(full - len(self.inflight), full - ahead, cap - ahead, self.max_inflight - len(self.inflight))
+        ahead, busy = self.draws_this_step(step), self.on_engines()
+        n = min(full - busy, full - ahead, cap - ahead, self.max_inflight - busy)
         return self._submit(step, n) if n > 0 else 0
 
     def draws_this_step(self, step: int) -> int:
         return self._step_draws.get(step, 0)
 
-    def _score(self, finished: List[Tuple[str, List[Sample]]], generated: List[Sample], counts: Dict[str, float]) -> float:
-        """Reward the finished groups (the engines keep decoding meanwhile), then dynamic sampling."""
-        t0 = time.perf_counter()
-        samples = [s for _, group in finished for s in group]
-        self.rewards.score_samples(samples)
-        generated.extend(samples)
+    def on_engines(self) -> int:
+        """Groups submitted and not yet finished (``inflight`` less those being scored)."""
+        return len(self.inflight) - sum(len(finished) for _, finished in self.scoring)
+
+    def _score(self, finished: List[Tuple[str, List[Sample]]]) -> None:
+        """Hand finished groups to the scoring thread; each takes its oldest token's version now (what
+        the wait for old groups looks at) and stays in flight until its verdicts are in."""
         for gid, group in finished:
-            g = self.inflight.pop(gid)
+            g = self.inflight[gid]
             g.samples, g.version = group, min(s.version for s in group)
-            keep = not self.cfg.algorithm.dynamic_sampling or is_informative(group)
-            self.outcomes.append(keep)
-            if keep:
-                self.ready.append(g)
-            else:
-                counts["rollout/groups_dropped"] += 1
+        samples = [s for _, group in finished for s in group]
+        self.scoring.append((self._scorer.submit(self._timed_score, samples), finished))
+
+    def _timed_score(self, samples: List[Sample]) -> float:
+        t0 = time.perf_counter()
+        self.rewards.score_samples(samples)
         return time.perf_counter() - t0
+
+    def _absorb_scored(self, generated: List[Sample], counts: Dict[str, float], timing: Dict[str, float]) -> None:
+        """Groups whose verdicts are in, oldest first: dynamic sampling keeps or drops each (a scoring
+        error is raised here, in the producer thread)."""
+        while self.scoring and self.scoring[0][0].done():
+            future, finished = self.scoring.popleft()
+            timing["reward_s"] += future.result()
+            for gid, group in finished:
+                g = self.inflight.pop(gid)
+                generated.extend(group)
+                keep = not self.cfg.algorithm.dynamic_sampling or is_informative(group)
+                self.outcomes.append(keep)
+                if keep:
+                    self.ready.append(g)
+                else:
+                    counts["rollout/groups_dropped"] += 1
 
     def kept_rate(self) -> float:
         """The share of finished groups dynamic sampling kept, over the last ``RATE_WINDOW``

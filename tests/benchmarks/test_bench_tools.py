@@ -67,3 +67,14 @@ def test_an_opt_in_part_gets_its_own_budget(tmp_path, monkeypatch):
     assert run_all.budget("bench_x", False) == 100.0
     monkeypatch.setenv("DISPO_X_FULL", "1")
     assert (run_all.budget("bench_x", False), run_all.budget("bench_x", True)) == (900.0, 50.0)
+
+
+def test_streaming_pools_runs_over_all_their_steps():
+    from bench.bench_streaming import pooled
+
+    a = {"tokens": [100.0, 300.0], "step_s": [1.0, 1.0], "samples": [10.0, 10.0], "multi_version": [0.0, 0.5]}
+    b = {"tokens": [600.0], "step_s": [2.0], "samples": [20.0], "multi_version": [0.25]}
+    p = pooled([a, b])
+    assert p["tokens_per_s"] == 1000.0 / 4.0  # all tokens over all seconds, not a mean of runs' rates
+    assert p["step_s"] == 1.0 and p["steps"] == 3  # the median step of the pooled steps
+    assert p["response_length"] == 1000.0 / 40.0 and p["multi_version"] == 0.25

@@ -12,25 +12,7 @@ from dispo_ray.infra.config import compose
 from dispo_ray.rollout.producer import request_seed
 from dispo_ray.rollout.staleness import StalenessGate
 from dispo_ray.rollout.streaming import Group, StreamingProducer
-
-
-class Published:
-    def __init__(self, version):
-        self.version = version
-
-    def watch(self, notify):
-        pass
-
-    def unwatch(self, notify):
-        pass
-
-
-class Recorder:
-    def __init__(self):
-        self.groups = []
-
-    def submit(self, groups):
-        self.groups += list(groups)
+from stream_standins import Published, Recorder
 
 
 def _producer(k, published, want=4, total=10):
